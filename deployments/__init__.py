@@ -1,0 +1,1 @@
+"""Ray Serve shells around internvl_core; plain classes decorated in app.py."""

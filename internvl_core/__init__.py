@@ -1,0 +1,1 @@
+"""Pure library: InternVL2 checkpoints, preprocessing, vision, decoders and the LLM engine."""

@@ -189,7 +189,8 @@ class ModelArchitecture(BaseModel):
             vraw = raw["vision_config"]
             lraw = raw["llm_config"]
         except KeyError as e:
-            raise CheckpointError(f"config.json lacks {e.args[0]!r} (not an InternVL config)") from e
+            missing = e.args[0]
+            raise CheckpointError(f"config.json lacks {missing!r} (not an InternVL config)") from e
         vision = VisionArchitecture(
             hidden_size=vraw["hidden_size"],
             num_hidden_layers=vraw["num_hidden_layers"],

@@ -145,9 +145,7 @@ def _cast(
     return tensor.to(device)
 
 
-def load_into_module(
-    module: nn.Module, tensors: dict[str, torch.Tensor], *, context: str
-) -> None:
+def load_into_module(module: nn.Module, tensors: dict[str, torch.Tensor], *, context: str) -> None:
     """Copy `tensors` into `module` by parameter/buffer name; fail listing missing/unexpected keys.
 
     Shapes must match exactly. Buffers that are not persistent are not expected.

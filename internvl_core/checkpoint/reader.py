@@ -31,8 +31,9 @@ class CheckpointReader:
         self.path = Path(path)
         if not self.path.is_dir():
             raise CheckpointError(f"checkpoint folder {self.path} does not exist")
-        self._key_to_file = self._index()
+        # Keeps the last .bin file read (they load whole); safetensors are read lazily.
         self._bin_cache: dict[Path, dict[str, torch.Tensor]] = {}
+        self._key_to_file = self._index()
 
     def _index(self) -> dict[str, Path]:
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):

@@ -1,0 +1,266 @@
+"""Sampler: last-stage logits [N, V] -> one token id per row (greedy or seeded), with logprobs.
+
+Per row: min_tokens mask -> penalties -> greedy argmax, or temperature -> top_k -> top_p -> min_p
+-> sample (exponential race with the row's own generator).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from internvl_core.config import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# Exponential noise of exactly 0 would turn -log(q) into +inf (and nan on masked tokens).
+_MIN_NOISE = torch.finfo(torch.float32).tiny
+
+
+@dataclass(slots=True)
+class SamplingBatch:
+    """Per-row inputs of one sampling step; row i belongs to one sequence.
+
+    `stop_token_ids[i]` carries the row's eos ids (the template separator): with the row's
+    `params.stop_token_ids` they are masked to -inf while fewer than `min_tokens` outputs exist
+    (eos ids only when not `ignore_eos`). An empty list means "no eos ids for any row".
+    """
+
+    params: list[SamplingParams]
+    generators: list[torch.Generator | None]
+    prompt_token_ids: list[list[int]]
+    output_token_ids: list[list[int]]
+    stop_token_ids: list[tuple[int, ...]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    """Chosen ids; logprobs are of the RAW model distribution (log_softmax of the logits before
+    min_tokens masking, penalties and temperature), as OpenAI and vLLM report them by default.
+
+    `logprobs` / `top_logprobs` are None unless some row asked; then every row is filled
+    (`top_logprobs[i]` holds `params[i].top_logprobs` pairs, best first).
+    """
+
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """The per-request RNG, created once when the request is added; None when unseeded."""
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+class Sampler:
+    """Turns logits into tokens; all-greedy batches take an argmax-only fast path."""
+
+    def __init__(self, *, seed: int | None = None) -> None:
+        """`seed` seeds the shared generator used by rows without their own (reproducible tests)."""
+        self._seed = seed
+        self._shared: dict[torch.device, torch.Generator] = {}
+
+    def __call__(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
+        """Sample one token per row of `logits` [N, V] (float32); `logits` is not modified."""
+        params = batch.params
+        num_rows = logits.shape[0]
+        assert num_rows == len(params) == len(batch.generators), (
+            "one SamplingBatch row per logit row"
+        )
+        want_logprobs = any(p.logprobs or p.top_logprobs > 0 for p in params)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None  # [N, V]
+        processed = apply_min_tokens(logits, batch)  # [N, V]
+        processed = apply_penalties(processed, batch)  # [N, V]
+        if all(p.greedy for p in params):
+            chosen = processed.argmax(dim=-1)  # [N]
+        else:
+            chosen = self._sample(processed, batch)  # [N]
+        token_ids: list[int] = chosen.tolist()
+        if raw_logprobs is None:
+            return SamplerOutput(token_ids=token_ids)
+        return _gather_logprobs(raw_logprobs, chosen, params, token_ids)
+
+    def _sample(self, logits: Tensor, batch: SamplingBatch) -> Tensor:
+        """Greedy rows take argmax; the others are warped and sampled by the exponential race."""
+        params = batch.params
+        device = logits.device
+        rows = [i for i, p in enumerate(params) if not p.greedy]
+        row_index = torch.tensor(rows, device=device)  # [S]
+        sub = logits.index_select(0, row_index)  # [S, V]
+        sub_params = [params[i] for i in rows]
+        temperature = torch.tensor([p.temperature for p in sub_params], device=device)  # [S]
+        sub = sub / temperature.unsqueeze(1)  # [S, V]
+        sub = apply_top_k_top_p(sub, sub_params)  # [S, V]
+        sub = apply_min_p(sub, sub_params)  # [S, V]
+        noise = self._exponential_noise(sub.shape, [batch.generators[i] for i in rows], device)
+        # Exponential race: argmax(p / q), q ~ Exp(1), draws from softmax(sub); done in log space.
+        # follows https://en.wikipedia.org/wiki/Gumbel_distribution#Gumbel_reparametrization_tricks
+        scores = sub - noise.clamp_min_(_MIN_NOISE).log_()  # [S, V]
+        sampled = scores.argmax(dim=-1)  # [S]
+        if len(rows) == len(params):
+            return sampled
+        chosen = logits.argmax(dim=-1)  # [N]
+        chosen[row_index] = sampled
+        return chosen
+
+    def _exponential_noise(
+        self,
+        shape: torch.Size,
+        generators: Sequence[torch.Generator | None],
+        device: torch.device,
+    ) -> Tensor:
+        """Exp(1) noise [S, V]: a seeded row draws only from its own generator, V values per step,
+        so its samples do not depend on the other rows; unseeded rows share one generator."""
+        noise = torch.empty(shape, device=device)  # [S, V]
+        unseeded = [i for i, g in enumerate(generators) if g is None]
+        for i, generator in enumerate(generators):
+            if generator is not None:
+                noise[i].exponential_(generator=generator)
+        if unseeded:
+            shared = torch.empty(len(unseeded), shape[1], device=device)  # [U, V]
+            shared.exponential_(generator=self._shared_generator(device))
+            noise[torch.tensor(unseeded, device=device)] = shared
+        return noise
+
+    def _shared_generator(self, device: torch.device) -> torch.Generator:
+        generator = self._shared.get(device)
+        if generator is None:
+            generator = torch.Generator(device=device)
+            if self._seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(self._seed)
+            self._shared[device] = generator
+        return generator
+
+
+def _row_stop_ids(batch: SamplingBatch, row: int) -> list[int]:
+    params = batch.params[row]
+    ids = list(params.stop_token_ids)
+    if batch.stop_token_ids and not params.ignore_eos:
+        ids.extend(batch.stop_token_ids[row])
+    return ids
+
+
+def apply_min_tokens(logits: Tensor, batch: SamplingBatch) -> Tensor:
+    """Stop ids get -inf while a row has fewer than `min_tokens` outputs (HF MinNewTokens)."""
+    rows: list[int] = []
+    cols: list[int] = []
+    vocab_size = logits.shape[1]
+    for i, params in enumerate(batch.params):
+        if len(batch.output_token_ids[i]) >= params.min_tokens:
+            continue
+        for token_id in _row_stop_ids(batch, i):
+            if 0 <= token_id < vocab_size:
+                rows.append(i)
+                cols.append(token_id)
+    if not rows:
+        return logits
+    masked = logits.clone()  # [N, V]
+    index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
+    masked.index_put_(index, torch.tensor(float("-inf"), device=logits.device))
+    return masked
+
+
+def _padded_ids(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> Tensor:
+    """Right-padded id matrix [R, max_len] (at least one column); pads use `pad_id`."""
+    width = max(1, max(len(s) for s in seqs))
+    flat = [list(s) + [pad_id] * (width - len(s)) for s in seqs]
+    return torch.tensor(flat, dtype=torch.long, device=device)  # [R, max_len]
+
+
+def apply_penalties(logits: Tensor, batch: SamplingBatch) -> Tensor:
+    """Repetition penalty (HF: prompt + output, divide positive / multiply negative), then
+    presence and frequency penalties (OpenAI: output tokens only, subtracted)."""
+    params = batch.params
+    need_rep = any(p.repetition_penalty != 1.0 for p in params)
+    need_openai = any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params)
+    if not (need_rep or need_openai):
+        return logits
+    num_rows, vocab_size = logits.shape
+    device = logits.device
+    out = logits.clone()  # [N, V]
+    if need_rep:
+        seqs = [
+            [*batch.prompt_token_ids[i], *batch.output_token_ids[i]]
+            if p.repetition_penalty != 1.0
+            else []
+            for i, p in enumerate(params)
+        ]
+        ids = _padded_ids(seqs, vocab_size, device)  # [N, L]
+        seen = torch.zeros(num_rows, vocab_size + 1, dtype=torch.bool, device=device)  # [N, V+1]
+        seen.scatter_(1, ids, True)
+        penalty = torch.tensor([p.repetition_penalty for p in params], device=device)  # [N]
+        penalty = penalty.unsqueeze(1)  # [N, 1]
+        penalised = torch.where(out < 0, out * penalty, out / penalty)  # [N, V]
+        out = torch.where(seen[:, :vocab_size], penalised, out)  # [N, V]
+    if need_openai:
+        ids = _padded_ids(batch.output_token_ids, vocab_size, device)  # [N, L]
+        counts = torch.zeros(num_rows, vocab_size + 1, device=device)  # [N, V+1]
+        counts.scatter_add_(1, ids, torch.ones(ids.shape, device=device))
+        counts = counts[:, :vocab_size]  # [N, V]
+        frequency = torch.tensor([p.frequency_penalty for p in params], device=device)  # [N]
+        presence = torch.tensor([p.presence_penalty for p in params], device=device)  # [N]
+        out -= frequency.unsqueeze(1) * counts + presence.unsqueeze(1) * (counts > 0)
+    return out
+
+
+def apply_top_k_top_p(logits: Tensor, params: Sequence[SamplingParams]) -> Tensor:
+    """HF top-k (keep every token >= the k-th largest, ties included) then HF top-p (drop the
+    ascending-sorted tail whose cumulative mass is <= 1 - p, always keeping the best token)."""
+    vocab_size = logits.shape[1]
+    use_k = any(0 < p.top_k < vocab_size for p in params)
+    use_p = any(p.top_p < 1.0 for p in params)
+    if not (use_k or use_p):
+        return logits
+    device = logits.device
+    ascending, order = logits.sort(dim=-1, stable=True)  # [S, V] each
+    if use_k:
+        k = torch.tensor([min(p.top_k, vocab_size) or vocab_size for p in params], device=device)
+        kth = ascending.gather(1, (vocab_size - k).unsqueeze(1))  # [S, 1]
+        ascending = ascending.masked_fill(ascending < kth, float("-inf"))  # [S, V]
+    if use_p:
+        top_p = torch.tensor([p.top_p for p in params], device=device).unsqueeze(1)  # [S, 1]
+        cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)  # [S, V]
+        drop = (cumulative <= 1.0 - top_p) & (top_p < 1.0)  # [S, V]
+        drop[:, -1] = False
+        ascending = ascending.masked_fill(drop, float("-inf"))  # [S, V]
+    return torch.empty_like(logits).scatter_(1, order, ascending)  # [S, V]
+
+
+def apply_min_p(logits: Tensor, params: Sequence[SamplingParams]) -> Tensor:
+    """HF min-p: drop tokens whose probability is below min_p x the top probability."""
+    if not any(p.min_p > 0.0 for p in params):
+        return logits
+    min_p = torch.tensor([p.min_p for p in params], device=logits.device).unsqueeze(1)  # [S, 1]
+    probs = logits.softmax(dim=-1)  # [S, V]
+    threshold = min_p * probs.max(dim=-1, keepdim=True).values  # [S, 1]
+    return logits.masked_fill(probs < threshold, float("-inf"))  # [S, V]
+
+
+def _gather_logprobs(
+    raw_logprobs: Tensor,
+    chosen: Tensor,
+    params: Sequence[SamplingParams],
+    token_ids: list[int],
+) -> SamplerOutput:
+    """Chosen-token logprob for every row, plus each row's `top_logprobs` best alternatives."""
+    chosen_lp: list[float] = raw_logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
+    max_top = max(p.top_logprobs for p in params)
+    top: list[list[tuple[int, float]]] = [[] for _ in params]
+    if max_top > 0:
+        values, indices = raw_logprobs.topk(max_top, dim=-1)  # [N, max_top] each
+        value_rows: list[list[float]] = values.tolist()
+        index_rows: list[list[int]] = indices.tolist()
+        for i, p in enumerate(params):
+            k = p.top_logprobs
+            top[i] = list(zip(index_rows[i][:k], value_rows[i][:k], strict=True))
+    return SamplerOutput(token_ids=token_ids, logprobs=chosen_lp, top_logprobs=top)

@@ -1,0 +1,128 @@
+"""`ServeArgs`: the one config tree `build_app` validates (YAML `args:` and `key=value` CLI alike).
+
+In: a dict from the YAML or the `serve run` command line. Out: frozen, validated settings for
+every deployment: model, engine limits, vision batching, media limits, defaults and scaling.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from internvl_core.config import EngineConfig, SamplingParams
+
+_FROZEN = ConfigDict(extra="forbid", frozen=True)
+
+
+class AutoscalingOptions(BaseModel):
+    """Subset of Serve's autoscaling_config we set per deployment."""
+
+    model_config = _FROZEN
+    min_replicas: int = Field(default=1, ge=0, description="lower bound")
+    max_replicas: int = Field(default=1, ge=1, description="upper bound")
+    target_ongoing_requests: float = Field(default=2.0, gt=0, description="per replica")
+    upscale_delay_s: float = Field(default=30.0, ge=0, description="before adding replicas")
+    downscale_delay_s: float = Field(default=600.0, ge=0, description="before removing")
+    look_back_period_s: float = Field(default=30.0, gt=0, description="metrics window")
+    metrics_interval_s: float = Field(default=10.0, gt=0, description="metrics push period")
+
+
+class DeploymentOptions(BaseModel):
+    """Typed Serve options of one deployment (applied with `.options()` in build_app)."""
+
+    model_config = _FROZEN
+    num_replicas: int | None = Field(default=1, ge=1, description="fixed count (or autoscaling)")
+    autoscaling: AutoscalingOptions | None = Field(default=None, description="replaces count")
+    max_ongoing_requests: int = Field(default=16, ge=1, description="per replica concurrency")
+    max_queued_requests: int = Field(default=64, ge=-1, description="caller-side queue; -1 = off")
+    num_cpus: float = Field(default=1.0, ge=0, description="CPUs per replica")
+    num_gpus: float | Literal["auto"] = Field(
+        default=0.0, description="GPUs per replica; auto = 1 when the cluster has GPUs, else 0"
+    )
+    health_check_period_s: float = Field(default=10.0, gt=0, description="check_health period")
+    health_check_timeout_s: float = Field(default=30.0, gt=0, description="check_health limit")
+    graceful_shutdown_timeout_s: float = Field(default=20.0, ge=0, description="drain time")
+
+
+class VisionServeConfig(BaseModel):
+    """Vision pool batching and cache."""
+
+    model_config = _FROZEN
+    max_batch_tiles: int = Field(default=64, ge=1, description="tiles per encoder batch")
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0, description="wait to fill a batch")
+    cache_entries: int = Field(default=256, ge=0, description="LRU embeddings kept (0 = off)")
+
+
+class MediaLimits(BaseModel):
+    """Limits checked in Preprocess before any GPU work; every refusal names its limit."""
+
+    model_config = _FROZEN
+    max_dynamic_patch: int | None = Field(
+        default=None, ge=1, le=40, description="default max tiles per image (None = config.json)"
+    )
+    max_tiles_per_request: int = Field(default=128, ge=1, description="total tile budget")
+    max_images_per_request: int = Field(default=16, ge=0, description="images + video frames")
+    max_image_pixels: int = Field(default=50_000_000, ge=1, description="width x height")
+    max_image_bytes: int = Field(default=20 * 2**20, ge=1, description="bytes per image")
+    max_video_bytes: int = Field(default=200 * 2**20, ge=1, description="bytes per video")
+    max_num_segments: int = Field(default=32, ge=1, description="frames per video")
+    max_video_duration_s: float = Field(default=3600.0, gt=0, description="seconds per video")
+    fetch_timeout_s: float = Field(default=10.0, gt=0, description="connect + read timeout")
+    max_concurrent_fetches: int = Field(default=16, ge=1, description="per replica")
+    trusted_networks: tuple[str, ...] = Field(
+        default=(), description="CIDRs fetched from even though private (internal media hosts)"
+    )
+    allowed_domains: tuple[str, ...] = Field(default=(), description="empty = any public host")
+    local_media_dir: str | None = Field(
+        default=None, description="file:// and paths allowed only under this directory"
+    )
+
+
+class ServeArgs(BaseModel):
+    """Root of the serving config; `build_app(args)` validates it and fails naming the field."""
+
+    model_config = _FROZEN
+    model_path: str = Field(description="original InternVL checkpoint folder")
+    served_model_name: str | None = Field(default=None, description="default: folder name")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="auto = bfloat16 on GPU, float32 on CPU"
+    )
+    quantization: Literal["8bit", "4bit"] | None = Field(
+        default=None, description="bitsandbytes weights for the decoder's linear layers"
+    )
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="LLM replica")
+    vision: VisionServeConfig = Field(default_factory=VisionServeConfig, description="pool")
+    media: MediaLimits = Field(default_factory=MediaLimits, description="input limits")
+    default_sampling: SamplingParams = Field(
+        default_factory=lambda: SamplingParams(max_tokens=512),
+        description="defaults a request's fields override",
+    )
+    ingress: DeploymentOptions = Field(
+        default_factory=lambda: DeploymentOptions(max_ongoing_requests=256, num_cpus=0.5),
+        description="HTTP ingress",
+    )
+    preprocess: DeploymentOptions = Field(
+        default_factory=lambda: DeploymentOptions(max_ongoing_requests=32, num_cpus=1),
+        description="CPU preprocessing",
+    )
+    vision_encoder: DeploymentOptions = Field(
+        default_factory=lambda: DeploymentOptions(max_ongoing_requests=64, num_gpus="auto"),
+        description="vision pool (1 GPU each when the cluster has GPUs)",
+    )
+    llm: DeploymentOptions = Field(
+        default_factory=lambda: DeploymentOptions(max_ongoing_requests=128, num_gpus="auto"),
+        description="LLM replicas (pp_size GPU bundles each when the cluster has GPUs)",
+    )
+
+    @field_validator("model_path")
+    @classmethod
+    def _path_exists(cls, value: str) -> str:
+        if not (Path(value) / "config.json").is_file():
+            raise ValueError(f"{value!r} has no config.json (not a checkpoint folder)")
+        return value
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model_path).resolve().name

@@ -1,0 +1,115 @@
+"""The LLM replica's stream wire format and how the ingress assembles choices from it.
+
+In: plain dicts yielded by `LLMDeployment.generate` (cheap to serialise). Out: OpenAI choices,
+chunks and usage; plus `unwrap_error` to see our exception through Ray's wrappers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from internvl_core.grounding import parse_boxes
+from internvl_core.protocol import (
+    AssistantMessage,
+    Choice,
+    ChoiceLogprobs,
+    ChunkChoice,
+    Delta,
+    GroundingBox,
+    TokenLogprob,
+    Usage,
+)
+
+
+def unwrap_error(exc: BaseException) -> BaseException:
+    """Ray wraps a replica's exception (RayTaskError(cause)); return the innermost cause."""
+    seen = 0
+    while seen < 8 and getattr(exc, "cause", None) is not None:
+        exc = exc.cause  # type: ignore[attr-defined]
+        seen += 1
+    return exc
+
+
+@dataclass(slots=True)
+class GenerationEvent:
+    """One step of one choice: the text delta and counters; `finish_reason` on the last."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    logprobs: list[dict[str, Any]] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any] | GenerationEvent) -> GenerationEvent:
+        return raw if isinstance(raw, GenerationEvent) else cls(**raw)
+
+
+class ChoiceAccumulator:
+    """Collects the events of one choice into the final message / streamed chunks."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.parts: list[str] = []
+        self.logprobs: list[dict[str, Any]] = []
+        self.finish_reason: str | None = None
+        self.num_prompt_tokens = 0
+        self.num_output_tokens = 0
+        self.wants_logprobs = False
+
+    def add(self, event: GenerationEvent) -> None:
+        self.parts.append(event.text)
+        if event.logprobs is not None:
+            self.wants_logprobs = True
+            self.logprobs.extend(event.logprobs)
+        self.finish_reason = event.finish_reason or self.finish_reason
+        self.num_prompt_tokens = max(self.num_prompt_tokens, event.num_prompt_tokens)
+        self.num_output_tokens = max(self.num_output_tokens, event.num_output_tokens)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def _logprobs(self, items: list[dict[str, Any]]) -> ChoiceLogprobs | None:
+        if not self.wants_logprobs:
+            return None
+        return ChoiceLogprobs(content=[TokenLogprob.model_validate(i) for i in items])
+
+    def choice(self) -> Choice:
+        text = self.text
+        boxes = [GroundingBox.model_validate(b) for b in parse_boxes(text)] or None
+        return Choice(
+            index=self.index,
+            message=AssistantMessage(content=text, boxes=boxes),
+            finish_reason=self.finish_reason,
+            logprobs=self._logprobs(self.logprobs),
+        )
+
+    def chunk_choice(self, event: GenerationEvent) -> ChunkChoice | None:
+        """The chunk for one event, or None when it carries nothing a client can see."""
+        if not event.text and event.finish_reason is None and not event.logprobs:
+            return None
+        return ChunkChoice(
+            index=self.index,
+            delta=Delta(content=event.text or None),
+            finish_reason=event.finish_reason,
+            logprobs=self._logprobs(event.logprobs or []) if event.logprobs else None,
+        )
+
+    @staticmethod
+    def usage(accs: list[ChoiceAccumulator]) -> Usage:
+        prompt = max((a.num_prompt_tokens for a in accs), default=0)
+        completion = sum(a.num_output_tokens for a in accs)
+        return Usage(
+            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        )

@@ -1,0 +1,304 @@
+"""HTTP ingress: OpenAI routes, composition of the stages per request, SSE, error mapping.
+
+In: starlette requests. Out: OpenAI JSON / server-sent events. Large arrays never materialise
+here: the preprocess response is passed by reference to the vision pool and the LLM replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from deployments.events import ChoiceAccumulator, GenerationEvent, unwrap_error
+from deployments.metrics import IngressMetrics
+from internvl_core.errors import (
+    EngineOverloadedError,
+    InternVLError,
+    InvalidRequestError,
+    ModelNotFoundError,
+)
+from internvl_core.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChunkChoice,
+    Delta,
+    ErrorBody,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    completion_id,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 * 2**20
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    """The single table from our exceptions to OpenAI error JSON and HTTP status codes."""
+    exc = unwrap_error(exc)
+    headers: dict[str, str] = {}
+    if isinstance(exc, InternVLError):
+        status, kind, message, param = exc.status_code, exc.error_type, exc.message, exc.param
+        if isinstance(exc, EngineOverloadedError):
+            headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+    elif isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        status, kind = 422, "invalid_request_error"
+        message = f"{param}: {first['msg']}" if param else first["msg"]
+    elif type(exc).__name__ in ("BackPressureError", "DeploymentUnavailableError"):
+        status, kind, param = 503, "overloaded", None
+        message = "the server is at capacity; retry shortly"
+        headers["Retry-After"] = "1"
+    else:
+        logger.exception("internal error", exc_info=exc)
+        status, kind, param = 500, "internal_error", None
+        message = f"internal error: {type(exc).__name__}"
+    body = ErrorResponse(error=ErrorBody(message=message, type=kind, param=param, code=kind))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def sse(payload: dict[str, Any] | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+class IngressDeployment:
+    """Routes `/v1/chat/completions`, `/v1/models`, `/health`; composes the stage handles."""
+
+    def __init__(
+        self,
+        preprocess: Any,
+        vision: Any,
+        llm: Any,
+        *,
+        model_name: str,
+        max_model_len: int,
+        max_inflight: int,
+    ) -> None:
+        self.preprocess = preprocess
+        self.vision = vision
+        self.llm = llm
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.max_inflight = max_inflight
+        self.inflight = 0
+        self.metrics = IngressMetrics()
+
+    async def __call__(self, request: Request) -> Response:
+        path, method = request.url.path.rstrip("/"), request.method
+        try:
+            if path == "/v1/chat/completions" and method == "POST":
+                return await self._chat(request)
+            if path == "/v1/models" and method == "GET":
+                return self._models()
+            if path in ("/health", "/v1/health") and method == "GET":
+                return await self._health()
+            raise ModelNotFoundError(f"no route for {method} {path}")
+        except Exception as e:  # every failure becomes OpenAI error JSON
+            return error_response(e)
+
+    def _models(self) -> JSONResponse:
+        card = ModelCard(id=self.model_name, max_model_len=self.max_model_len)
+        return JSONResponse(ModelList(data=[card]).model_dump())
+
+    async def _health(self) -> JSONResponse:
+        checks = {"preprocess": self.preprocess, "vision": self.vision, "llm": self.llm}
+        status: dict[str, str] = {}
+        for name, handle in checks.items():
+            try:
+                await asyncio.wait_for(handle.health.remote(), timeout=10)
+                status[name] = "ok"
+            except Exception as e:  # a stage that cannot answer is not ready
+                status[name] = f"unhealthy: {type(unwrap_error(e)).__name__}"
+        ready = all(v == "ok" for v in status.values())
+        return JSONResponse(
+            {"status": "ok" if ready else "unavailable", "stages": status},
+            status_code=200 if ready else 503,
+        )
+
+    async def _parse(self, request: Request) -> ChatCompletionRequest:
+        body = await request.body()
+        if len(body) > MAX_BODY_BYTES:
+            raise InvalidRequestError(
+                f"request body has {len(body)} bytes; limit is {MAX_BODY_BYTES}"
+            )
+        try:
+            raw = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InvalidRequestError(f"request body is not valid JSON: {e}") from e
+        if not isinstance(raw, dict):
+            raise InvalidRequestError("request body must be a JSON object")
+        parsed = ChatCompletionRequest.model_validate(raw)
+        if parsed.model != self.model_name:
+            raise ModelNotFoundError(
+                f"model {parsed.model!r} is not served here; available: {self.model_name!r}",
+                param="model",
+            )
+        return parsed
+
+    async def _chat(self, request: Request) -> Response:
+        if self.inflight >= self.max_inflight:
+            self.metrics.request_done("overloaded", None)
+            raise EngineOverloadedError(
+                f"{self.inflight} requests in flight; max_inflight is {self.max_inflight}"
+            )
+        parsed = await self._parse(request)
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        self.inflight += 1
+        start = time.perf_counter()
+        try:
+            streams = self._start(parsed, request_id)
+            first = [await _first_event(s) for s in streams]  # errors surface before headers
+        except BaseException:
+            self.inflight -= 1
+            raise
+        if parsed.stream:
+            body = self._stream_body(parsed, request_id, streams, first, start)
+            headers = {"x-request-id": request_id}
+            return StreamingResponse(body, media_type="text/event-stream", headers=headers)
+        try:
+            return await self._complete(parsed, request_id, streams, first, start)
+        finally:
+            self.inflight -= 1
+
+    def _start(self, parsed: ChatCompletionRequest, request_id: str) -> list[AsyncIterator[Any]]:
+        logger.info(
+            "request %s: %d messages, stream=%s", request_id, len(parsed.messages), parsed.stream
+        )
+        prepared = self.preprocess.prepare.remote(parsed, request_id)
+        has_media = any(
+            not isinstance(m.content, str | None) and any(p.type != "text" for p in m.content)
+            for m in parsed.messages
+        )
+        embeds = self.vision.encode.remote(prepared) if has_media else None
+        llm = self.llm.options(stream=True)
+        return [llm.generate.remote(prepared, embeds, i) for i in range(parsed.n)]
+
+    async def _complete(
+        self,
+        parsed: ChatCompletionRequest,
+        request_id: str,
+        streams: list[AsyncIterator[Any]],
+        first: list[GenerationEvent],
+        start: float,
+    ) -> JSONResponse:
+        async def drain(i: int) -> ChoiceAccumulator:
+            acc = ChoiceAccumulator(i)
+            acc.add(first[i])
+            async for event in streams[i]:
+                acc.add(event)
+            return acc
+
+        accs = await asyncio.gather(*(drain(i) for i in range(len(streams))))
+        self.metrics.first_token(time.perf_counter() - start)
+        usage = ChoiceAccumulator.usage(accs)
+        response = ChatCompletionResponse(
+            id=completion_id(),
+            model=self.model_name,
+            choices=[acc.choice() for acc in accs],
+            usage=usage,
+        )
+        self.metrics.request_done("ok", time.perf_counter() - start, usage.completion_tokens)
+        return JSONResponse(
+            response.model_dump(exclude_none=True), headers={"x-request-id": request_id}
+        )
+
+    async def _stream_body(
+        self,
+        parsed: ChatCompletionRequest,
+        request_id: str,
+        streams: list[AsyncIterator[Any]],
+        first: list[GenerationEvent],
+        start: float,
+    ) -> AsyncIterator[str]:
+        chunk_id = completion_id()
+        accs = [ChoiceAccumulator(i) for i in range(len(streams))]
+        status = "ok"
+        try:
+            for i in range(len(streams)):
+                role = ChunkChoice(index=i, delta=Delta(role="assistant", content=""))
+                yield sse(self._chunk(chunk_id, [role]))
+            self.metrics.first_token(time.perf_counter() - start)
+            async for index, event in _merge(streams, first):
+                accs[index].add(event)
+                choice = accs[index].chunk_choice(event)
+                if choice is not None:
+                    yield sse(self._chunk(chunk_id, [choice]))
+            if parsed.stream_options and parsed.stream_options.include_usage:
+                usage = ChoiceAccumulator.usage(accs)
+                yield sse(self._chunk(chunk_id, [], usage=usage.model_dump()))
+        except Exception as e:  # in-flight failure: an error event, then the stream ends
+            status = "error"
+            logger.warning("request %s failed mid-stream: %r", request_id, e)
+            yield sse(json.loads(error_response(e).body))
+        finally:
+            self.inflight -= 1
+            usage = ChoiceAccumulator.usage(accs)
+            self.metrics.request_done(status, time.perf_counter() - start, usage.completion_tokens)
+        yield sse("[DONE]")
+
+    def _chunk(
+        self, chunk_id: str, choices: list[ChunkChoice], usage: dict[str, int] | None = None
+    ) -> dict[str, Any]:
+        chunk = ChatCompletionChunk(id=chunk_id, model=self.model_name, choices=choices)
+        payload = chunk.model_dump(exclude_none=True)
+        payload["choices"] = [c.model_dump(exclude_none=False) for c in choices]
+        if usage is not None:
+            payload["usage"] = usage
+        return payload
+
+
+async def _first_event(stream: AsyncIterator[Any]) -> GenerationEvent:
+    try:
+        return GenerationEvent.from_wire(await stream.__anext__())
+    except StopAsyncIteration as e:
+        raise RuntimeError("LLM stream ended without an event") from e
+
+
+async def _merge(
+    streams: list[AsyncIterator[Any]], first: list[GenerationEvent]
+) -> AsyncIterator[tuple[int, GenerationEvent]]:
+    """Interleave the n choice streams as events arrive; first events go out first."""
+    for i, event in enumerate(first):
+        yield i, event
+    pending = [i for i, event in enumerate(first) if not event.finished]
+    if len(pending) == 1:
+        async for raw in streams[pending[0]]:
+            yield pending[0], GenerationEvent.from_wire(raw)
+        return
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+    async def pump(i: int) -> None:
+        try:
+            async for raw in streams[i]:
+                await queue.put((i, raw))
+            await queue.put((i, None))
+        except Exception as e:  # forwarded to the consumer below
+            await queue.put((i, e))
+
+    tasks = [asyncio.create_task(pump(i)) for i in pending]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, GenerationEvent.from_wire(item)
+    finally:
+        for task in tasks:
+            task.cancel()

@@ -1,0 +1,84 @@
+"""The scheduler -> stage contract: `ScheduledBatch` (plain data), `ModelInput`, `StageOutput`.
+
+A ScheduledBatch is all a stage worker ever receives from the scheduler (in process or over Ray);
+each stage turns it into `ModelInput` tensors on its own device and answers with a `StageOutput`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from internvl_core.config import SamplingParams
+from internvl_core.model.attention_metadata import AttentionMetadata
+
+if TYPE_CHECKING:
+    from internvl_core.engine.sampler import SamplerOutput
+
+
+@dataclass(slots=True)
+class SamplingRequest:
+    """What the last stage needs to sample one sequence's next token."""
+
+    request_id: str
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    stop_token_ids: tuple[int, ...]
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    """One step's work. Sequence s owns flattened token rows [sum(query_lens[:s]), +query_lens[s]).
+
+    Its new tokens sit at positions [context_lens[s], context_lens[s] + query_lens[s]); it samples
+    one token when `sample_flags[s]` (its chunk reaches the end of its known tokens).
+    """
+
+    batch_id: int
+    request_ids: list[str]
+    input_token_ids: list[int]  # [num_tokens] flattened new tokens
+    query_lens: list[int]  # [num_seqs]
+    context_lens: list[int]  # [num_seqs] tokens already in the KV cache
+    prompt_lens: list[int]  # [num_seqs] Phi-3 long RoPE reference length while prefilling
+    block_tables: list[list[int]]  # [num_seqs][blocks]
+    sample_flags: list[bool]  # [num_seqs]
+    sampling: list[SamplingRequest]  # one per True in sample_flags, same order
+    block_size: int
+    image_embeds: torch.Tensor | None = None  # [num_image_rows, D] rows spliced in this batch
+    image_token_indices: list[int] = field(default_factory=list)  # [num_image_rows] token rows
+    # Requests gone since the previous batch: stages drop their per-request state (generators).
+    finished_request_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.request_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_token_ids)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return len(self.input_token_ids) == len(self.request_ids)
+
+
+@dataclass(slots=True)
+class ModelInput:
+    """Tensors one stage builds from a ScheduledBatch (on its own device)."""
+
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    attn: AttentionMetadata
+    sample_indices: torch.Tensor  # [num_samples] int64 token rows whose logits are sampled
+
+
+@dataclass(slots=True)
+class StageOutput:
+    """Hidden states for the next stage, or (last stage) the sampled tokens; never logits."""
+
+    batch_id: int
+    hidden_states: torch.Tensor | None = None  # [num_tokens, D]
+    sampled: SamplerOutput | None = None

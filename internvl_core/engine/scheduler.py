@@ -1,0 +1,262 @@
+"""Continuous batching: waiting/running queues -> one `ScheduledBatch` per step.
+
+FCFS: running sequences first (decodes and unfinished prefill chunks, oldest first), then new
+admissions while the token budget, `max_num_seqs` and free KV blocks allow. When blocks run out the
+newest running sequence is preempted by recompute (blocks freed, back to the front of the queue).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from internvl_core.config import EngineConfig
+from internvl_core.engine.batch import SamplingRequest, ScheduledBatch
+from internvl_core.engine.block_manager import BlockManager
+from internvl_core.engine.sequence import Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Scheduled:
+    seq: Sequence
+    num_new_tokens: int
+    sample: bool
+
+
+class Scheduler:
+    """Plans every step; the only producer of ScheduledBatch and the owner of block tables."""
+
+    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.block_size = block_manager.block_size
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._next_batch_id = 0
+        self._in_flight: dict[int, list[_Scheduled]] = {}
+        self._finished_ids: list[str] = []
+        self.num_preemptions = 0
+        self.last_preempted: list[str] = []  # request ids preempted by the latest schedule()
+        self._busy = False
+
+    # ---- queues ---------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self._in_flight)
+
+    def finish(self, seq: Sequence, status: SequenceStatus) -> None:
+        """End a sequence (stop, length, abort, error): free its blocks at once.
+
+        Safe while a batch holding it is in flight: stages run batches in order, so any later
+        owner of these blocks writes its K/V after the in-flight batch has written its own.
+        """
+        assert status.is_finished
+        if seq.status.is_finished:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq.block_table)
+        seq.block_table = []
+        seq.status = status
+        self._finished_ids.append(seq.request_id)
+
+    # ---- planning -------------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch | None:
+        """Plan the next step, or None if nothing can run now (all in flight or no work)."""
+        self.last_preempted = []
+        budget = self.config.max_num_batched_tokens
+        plan: list[_Scheduled] = []
+        # Sequences still in flight from earlier batches (not the ones planned in this call).
+        self._busy = any(seq.in_flight for seq in self.running)
+        budget = self._schedule_running(plan, budget)
+        if not self.last_preempted:
+            self._schedule_waiting(plan, budget)
+        if not plan:
+            return None
+        batch = self._build_batch(plan)
+        self._in_flight[batch.batch_id] = plan
+        return batch
+
+    def _schedule_running(self, plan: list[_Scheduled], budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            if seq.in_flight:
+                i += 1
+                continue
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            need = self.block_manager.num_blocks_for(seq.num_computed_tokens + num_new)
+            need -= len(seq.block_table)
+            while not self.block_manager.can_allocate(need):
+                victim = self._pick_victim(after=i)
+                if victim is None:
+                    break
+                self._preempt(victim)
+            if not self.block_manager.can_allocate(need):
+                if self._busy:
+                    i += 1  # wait for in-flight sequences to return rather than recompute
+                else:
+                    self._preempt(seq)  # the newest unscheduled sequence is this one
+                continue
+            seq.block_table.extend(self.block_manager.allocate(need))
+            plan.append(self._plan(seq, num_new))
+            budget -= num_new
+            i += 1
+        return budget
+
+    def _pick_victim(self, *, after: int) -> Sequence | None:
+        """The newest running sequence behind index `after` that is not in flight."""
+        for j in range(len(self.running) - 1, after, -1):
+            if not self.running[j].in_flight:
+                return self.running[j]
+        return None
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq.block_table)
+        seq.reset_for_recompute()
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+        self.last_preempted.append(seq.request_id)
+        logger.debug("preempted %s (recompute %d tokens)", seq.request_id, seq.num_tokens)
+
+    def _schedule_waiting(self, plan: list[_Scheduled], budget: int) -> None:
+        manager = self.block_manager
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            num_hashable = (
+                (seq.num_tokens - 1) // self.block_size if manager.enable_prefix_caching else 0
+            )
+            hits = manager.lookup(seq.full_block_hashes(num_hashable)) if num_hashable else []
+            num_cached = len(hits) * self.block_size
+            num_new = seq.num_tokens - num_cached
+            if self.config.enable_chunked_prefill:
+                num_new = min(num_new, budget)
+            elif num_new > budget:
+                break
+            need = manager.num_blocks_for(num_cached + num_new) - len(hits)
+            if not manager.can_allocate(need, hits):
+                break
+            self.waiting.popleft()
+            manager.record_lookup(num_hashable, len(hits))
+            manager.acquire(hits)
+            seq.block_table = hits + manager.allocate(need)
+            seq.num_computed_tokens = num_cached
+            if not seq.admitted:
+                seq.admitted = True
+                seq.num_cached_tokens = num_cached
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            plan.append(self._plan(seq, num_new))
+            budget -= num_new
+
+    def _plan(self, seq: Sequence, num_new: int) -> _Scheduled:
+        seq.in_flight = True
+        return _Scheduled(seq, num_new, seq.num_computed_tokens + num_new == seq.num_tokens)
+
+    def _build_batch(self, plan: list[_Scheduled]) -> ScheduledBatch:
+        input_ids: list[int] = []
+        image_indices: list[int] = []
+        image_parts: list[torch.Tensor] = []
+        sampling: list[SamplingRequest] = []
+        for item in plan:
+            seq, start = item.seq, item.seq.num_computed_tokens
+            end = start + item.num_new_tokens
+            if seq.request.image_runs:
+                positions, rows = seq.image_rows(start, end)
+                if rows:
+                    offset = len(input_ids) - start
+                    image_indices.extend(p + offset for p in positions)
+                    embeds = seq.request.image_embeds
+                    assert embeds is not None
+                    image_parts.append(embeds[rows[0] : rows[-1] + 1])  # [rows, D]
+            input_ids.extend(seq.token_ids[start:end])
+            if item.sample:
+                sampling.append(_sampling_request(seq))
+        batch = ScheduledBatch(
+            batch_id=self._next_batch_id,
+            request_ids=[p.seq.request_id for p in plan],
+            input_token_ids=input_ids,
+            query_lens=[p.num_new_tokens for p in plan],
+            context_lens=[p.seq.num_computed_tokens for p in plan],
+            prompt_lens=[p.seq.num_prompt_tokens for p in plan],
+            block_tables=[list(p.seq.block_table) for p in plan],
+            sample_flags=[p.sample for p in plan],
+            sampling=sampling,
+            block_size=self.block_size,
+            image_embeds=torch.cat(image_parts) if image_parts else None,  # [num_rows, D]
+            image_token_indices=image_indices,
+            finished_request_ids=self._finished_ids,
+        )
+        self._finished_ids = []
+        self._next_batch_id += 1
+        return batch
+
+    # ---- results --------------------------------------------------------------------------
+    def update(self, batch_id: int, sampled_token_ids: list[int]) -> list[Sequence]:
+        """Apply a finished batch: advance KV progress, cache full blocks, append sampled tokens.
+
+        Returns the sequences that received a token (the engine checks them for stops);
+        sequences finished while the batch was in flight are skipped.
+        """
+        plan = self._in_flight.pop(batch_id)
+        manager = self.block_manager
+        grown: list[Sequence] = []
+        tokens = iter(sampled_token_ids)
+        for item in plan:
+            seq = item.seq
+            seq.in_flight = False
+            token = next(tokens) if item.sample else None
+            assert not item.sample or token is not None, "fewer sampled tokens than samples"
+            if seq.status.is_finished:
+                continue
+            old_full = seq.num_computed_tokens // self.block_size
+            seq.num_computed_tokens += item.num_new_tokens
+            new_full = seq.num_computed_tokens // self.block_size
+            if manager.enable_prefix_caching and new_full > old_full:
+                hashes = seq.full_block_hashes(new_full)
+                for idx in range(old_full, new_full):
+                    manager.register(seq.block_table[idx], hashes[idx])
+            if token is not None:
+                seq.append_token(token)
+                grown.append(seq)
+        return grown
+
+
+def _sampling_request(seq: Sequence) -> SamplingRequest:
+    params = seq.request.params
+    # Token histories only travel when a penalty reads them (they can be long).
+    penalised = (
+        params.repetition_penalty != 1.0
+        or params.presence_penalty != 0.0
+        or params.frequency_penalty != 0.0
+    )
+    return SamplingRequest(
+        request_id=seq.request_id,
+        params=params,
+        prompt_token_ids=seq.request.prompt_token_ids if penalised else [],
+        output_token_ids=seq.output_token_ids if penalised else [],
+        stop_token_ids=seq.request.stop_token_ids,
+    )

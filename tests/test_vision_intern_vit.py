@@ -15,11 +15,6 @@ from internvl_core.vision.intern_vit import InternRMSNorm, InternViT
 LAYOUTS = ("300m", "6b")
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
 def tiny_vision_arch(layout: str, *, num_hidden_layers: int = 2) -> VisionArchitecture:
     """ViT hidden 32, 2 heads of 16, MLP 64, 56 px tiles of 14 px patches (4x4 grid)."""
     is_6b = layout == "6b"

@@ -9,11 +9,6 @@ from internvl_core.errors import InternVLError
 from internvl_core.vision.projector import Projector, pixel_shuffle
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
 def _grid(num_rows: int, num_cols: int, channels: int) -> torch.Tensor:
     """x[0, r, c, k] = 1000 * r + 10 * c + k, so every value names its source patch and channel."""
     rows = torch.arange(num_rows).view(num_rows, 1, 1) * 1000  # [h, 1, 1]

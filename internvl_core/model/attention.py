@@ -1,0 +1,180 @@
+"""Paged attention over block tables: write new K/V into their cache slots, then attend causally.
+
+q [T, H, d], k/v [T, K, d], a layer's cache [2, num_blocks, block_size, K, d], AttentionMetadata
+-> output [T, H, d]. Torch SDPA backend (CPU and GPU); `paged_attention` is the one entry point,
+so a faster GPU kernel can be dispatched behind it later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from internvl_core.model.attention_metadata import AttentionMetadata
+
+
+@dataclass(slots=True)
+class PrefillSpan:
+    """One sequence with more than one query row in this step."""
+
+    row_start: int  # first token row of the sequence in the flattened batch
+    query_len: int
+    seq_len: int
+    # [seq_len] int64 cache slots of positions 0..seq_len-1; None = no cached prefix, use fresh K/V
+    key_slots: torch.Tensor | None
+    # [query_len, seq_len] bool, True = may attend; None = plain causal (query_len == seq_len)
+    mask: torch.Tensor | None
+
+
+@dataclass(slots=True)
+class AttentionPlan:
+    """Index tensors derived once per forward from AttentionMetadata and shared by every layer."""
+
+    decode_rows: torch.Tensor | None  # [num_decode] int64 token rows of one-query sequences
+    decode_slots: torch.Tensor | None  # [num_decode, max_seq_len] int64 cache slots, padded
+    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_seq_len] bool key-padding mask
+    prefills: list[PrefillSpan]
+    decode_only: bool  # every token is a decode row, in order: the output needs no scatter
+
+
+def _sequence_slots(
+    block_table: torch.Tensor, positions: torch.Tensor, block_size: int
+) -> torch.Tensor:
+    """Cache slots of `positions` through a block table [..., max_num_blocks] -> [..., len]."""
+    blocks = block_table[..., positions // block_size]  # [..., len]
+    return blocks * block_size + positions % block_size  # [..., len]
+
+
+def plan_attention(attn: AttentionMetadata, device: torch.device | str) -> AttentionPlan:
+    """Split the batch into decode rows (one batched call) and prefill spans (one call each)."""
+    tables = attn.block_tables.to(device)  # [num_seqs, max_num_blocks]
+    decode_seq_ids: list[int] = []
+    decode_rows: list[int] = []
+    prefills: list[PrefillSpan] = []
+    row = 0
+    for seq_id, (q_len, s_len) in enumerate(zip(attn.query_lens, attn.seq_lens, strict=True)):
+        assert 1 <= q_len <= s_len, f"sequence {seq_id}: query_len {q_len}, seq_len {s_len}"
+        if q_len == 1:
+            decode_seq_ids.append(seq_id)
+            decode_rows.append(row)
+        else:
+            prefills.append(_prefill_span(tables[seq_id], row, q_len, s_len, attn.block_size))
+        row += q_len
+    plan = AttentionPlan(None, None, None, prefills, decode_only=not prefills)
+    if decode_seq_ids:
+        max_len = max(attn.seq_lens[i] for i in decode_seq_ids)
+        positions = torch.arange(max_len, device=device)  # [max_seq_len]
+        ids = torch.tensor(decode_seq_ids, dtype=torch.long, device=device)  # [num_decode]
+        plan.decode_slots = _sequence_slots(tables[ids], positions, attn.block_size)
+        lens = torch.tensor([attn.seq_lens[i] for i in decode_seq_ids], device=device)
+        mask = positions[None, :] < lens[:, None]  # [num_decode, max_seq_len]
+        plan.decode_mask = mask[:, None, None, :]  # [num_decode, 1, 1, max_seq_len]
+        plan.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=device)
+    return plan
+
+
+def _prefill_span(
+    table: torch.Tensor, row: int, q_len: int, s_len: int, block_size: int
+) -> PrefillSpan:
+    if q_len == s_len:
+        return PrefillSpan(row, q_len, s_len, key_slots=None, mask=None)
+    device = table.device
+    key_pos = torch.arange(s_len, device=device)  # [seq_len]
+    query_pos = torch.arange(s_len - q_len, s_len, device=device)  # [query_len]
+    mask = key_pos[None, :] <= query_pos[:, None]  # [query_len, seq_len]
+    slots = _sequence_slots(table, key_pos, block_size)  # [seq_len]
+    return PrefillSpan(row, q_len, s_len, key_slots=slots, mask=mask)
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store k/v [T, K, d] at `slot_mapping` [T] of the cache [2, num_blocks, block_size, K, d]."""
+    num_slots = kv_cache.shape[1] * kv_cache.shape[2]
+    flat = kv_cache.view(2, num_slots, kv_cache.shape[3], kv_cache.shape[4])  # [2, slots, K, d]
+    flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    attn: AttentionMetadata,
+    scale: float,
+    *,
+    plan: AttentionPlan | None = None,
+) -> torch.Tensor:
+    """Write k/v into the cache, then attend each query row over its sequence's cached keys.
+
+    Args:
+        q: [T, H, d]; k, v: [T, K, d] (H a multiple of K: grouped-query attention).
+        kv_cache: [2, num_blocks, block_size, K, d], written in place.
+        plan: precomputed `plan_attention(attn, device)`; built here when None.
+
+    Returns:
+        [T, H, d] attention output.
+    """
+    assert q.shape[0] == attn.slot_mapping.shape[0], "one slot per new token"
+    write_kv(k, v, kv_cache, attn.slot_mapping.to(k.device))
+    if plan is None:
+        plan = plan_attention(attn, q.device)
+    num_slots = kv_cache.shape[1] * kv_cache.shape[2]
+    flat = kv_cache.view(2, num_slots, kv_cache.shape[3], kv_cache.shape[4])  # [2, slots, K, d]
+    gqa = q.shape[1] != k.shape[1]
+    decode_out = None
+    if plan.decode_rows is not None:
+        decode_out = _decode_attention(q, flat, plan, scale, gqa=gqa)  # [num_decode, H, d]
+        if plan.decode_only:
+            return decode_out
+    out = q.new_empty(q.shape)  # [T, H, d]
+    if decode_out is not None:
+        out[plan.decode_rows] = decode_out
+    for span in plan.prefills:
+        rows = slice(span.row_start, span.row_start + span.query_len)
+        out[rows] = _prefill_attention(q[rows], k[rows], v[rows], flat, span, scale, gqa=gqa)
+    return out
+
+
+def _decode_attention(
+    q: torch.Tensor, flat: torch.Tensor, plan: AttentionPlan, scale: float, *, gqa: bool
+) -> torch.Tensor:
+    """One SDPA call for every one-query sequence, keys padded to the longest one."""
+    query = q[plan.decode_rows][:, :, None, :]  # [num_decode, H, 1, d]
+    keys = flat[0][plan.decode_slots].transpose(1, 2)  # [num_decode, K, max_seq_len, d]
+    values = flat[1][plan.decode_slots].transpose(1, 2)  # [num_decode, K, max_seq_len, d]
+    out = F.scaled_dot_product_attention(
+        query, keys, values, attn_mask=plan.decode_mask, scale=scale, enable_gqa=gqa
+    )  # [num_decode, H, 1, d]
+    return out[:, :, 0, :]  # [num_decode, H, d]
+
+
+def _prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    flat: torch.Tensor,
+    span: PrefillSpan,
+    scale: float,
+    *,
+    gqa: bool,
+) -> torch.Tensor:
+    """Causal attention of one sequence's query rows q [Q, H, d] -> [Q, H, d]."""
+    query = q.transpose(0, 1)[None]  # [1, H, Q, d]
+    if span.key_slots is None:
+        # No cached prefix: the fresh k/v are the whole context (same values the cache now holds).
+        keys = k.transpose(0, 1)[None]  # [1, K, Q, d]
+        values = v.transpose(0, 1)[None]  # [1, K, Q, d]
+        out = F.scaled_dot_product_attention(
+            query, keys, values, is_causal=True, scale=scale, enable_gqa=gqa
+        )  # [1, H, Q, d]
+    else:
+        keys = flat[0][span.key_slots].transpose(0, 1)[None]  # [1, K, S, d]
+        values = flat[1][span.key_slots].transpose(0, 1)[None]  # [1, K, S, d]
+        out = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=span.mask, scale=scale, enable_gqa=gqa
+        )  # [1, H, Q, d]
+    return out[0].transpose(0, 1)  # [Q, H, d]

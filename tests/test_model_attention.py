@@ -1,0 +1,109 @@
+"""paged_attention: cache writes via slot_mapping; decode and mixed batches vs dense attention."""
+
+from __future__ import annotations
+
+import torch
+
+from internvl_core.model.attention import paged_attention, plan_attention, write_kv
+from internvl_core.model.attention_metadata import AttentionMetadata
+
+HEADS, KV_HEADS, HEAD_DIM = 4, 2, 16
+BLOCK_SIZE, NUM_BLOCKS = 4, 24
+SCALE = HEAD_DIM**-0.5
+
+
+def _dense_causal(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Reference: q [Q, H, d] over keys/values [S, K, d]; row i sits at position S - Q + i."""
+    num_q, seq_len = q.shape[0], keys.shape[0]
+    group = HEADS // KV_HEADS
+    k = keys.repeat_interleave(group, dim=1)  # [S, H, d]
+    v = values.repeat_interleave(group, dim=1)  # [S, H, d]
+    scores = torch.einsum("qhd,shd->hqs", q, k) * SCALE  # [H, Q, S]
+    query_pos = torch.arange(seq_len - num_q, seq_len)[:, None]  # [Q, 1]
+    allowed = torch.arange(seq_len)[None, :] <= query_pos  # [Q, S]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("hqs,shd->qhd", scores.softmax(-1), v)  # [Q, H, d]
+
+
+def _run_batch(
+    query_lens: list[int], seq_lens: list[int], gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor, AttentionMetadata]:
+    """Random sequences with their cached prefixes written beforehand, non-contiguous blocks."""
+    perm = torch.randperm(NUM_BLOCKS, generator=gen).tolist()
+    tables, used = [], 0
+    for s_len in seq_lens:
+        count = -(-s_len // BLOCK_SIZE)
+        tables.append(perm[used : used + count])
+        used += count
+    kv_cache = torch.zeros(2, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+    full_k = [torch.randn(s, KV_HEADS, HEAD_DIM, generator=gen) for s in seq_lens]
+    full_v = [torch.randn(s, KV_HEADS, HEAD_DIM, generator=gen) for s in seq_lens]
+    cached = [s - q for q, s in zip(query_lens, seq_lens, strict=True)]
+    prefix = AttentionMetadata.for_contiguous(cached, cached, tables, BLOCK_SIZE)
+    if sum(cached):
+        k_prev = torch.cat([k[:c] for k, c in zip(full_k, cached, strict=True)])  # [P, K, d]
+        v_prev = torch.cat([v[:c] for v, c in zip(full_v, cached, strict=True)])  # [P, K, d]
+        write_kv(k_prev, v_prev, kv_cache, prefix.slot_mapping)
+    attn = AttentionMetadata.for_contiguous(query_lens, seq_lens, tables, BLOCK_SIZE)
+    q = torch.randn(sum(query_lens), HEADS, HEAD_DIM, generator=gen)  # [T, H, d]
+    k_new = torch.cat([k[c:] for k, c in zip(full_k, cached, strict=True)])  # [T, K, d]
+    v_new = torch.cat([v[c:] for v, c in zip(full_v, cached, strict=True)])  # [T, K, d]
+    out = paged_attention(q, k_new, v_new, kv_cache, attn, SCALE)
+    expected = []
+    row = 0
+    for q_len, k, v in zip(query_lens, full_k, full_v, strict=True):
+        expected.append(_dense_causal(q[row : row + q_len], k, v))
+        row += q_len
+    return out, torch.cat(expected), [full_k, full_v], kv_cache, attn
+
+
+def test_mixed_prefill_and_decode_matches_dense() -> None:
+    gen = torch.Generator().manual_seed(0)
+    # fresh prefill, decode, chunked prefill over a cached prefix, short decode, fresh prefill
+    query_lens = [7, 1, 5, 1, 3]
+    seq_lens = [7, 10, 13, 3, 3]
+    out, expected, _, _, _ = _run_batch(query_lens, seq_lens, gen)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_only_batch_matches_dense() -> None:
+    gen = torch.Generator().manual_seed(1)
+    out, expected, _, _, attn = _run_batch([1, 1, 1], [9, 1, 17], gen)
+    assert attn.is_decode_only
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_holds_every_token_at_its_slot() -> None:
+    gen = torch.Generator().manual_seed(2)
+    _, _, (full_k, full_v), kv_cache, attn = _run_batch([4, 1], [6, 5], gen)
+    for seq, table in enumerate(attn.block_tables.tolist()):
+        for pos in range(attn.seq_lens[seq]):
+            block, offset = table[pos // BLOCK_SIZE], pos % BLOCK_SIZE
+            torch.testing.assert_close(kv_cache[0, block, offset], full_k[seq][pos])
+            torch.testing.assert_close(kv_cache[1, block, offset], full_v[seq][pos])
+
+
+def test_plan_splits_decode_rows_and_prefill_spans() -> None:
+    attn = AttentionMetadata.for_contiguous([3, 1, 2], [3, 6, 8], [[0], [1, 2], [3, 4]], 4)
+    plan = plan_attention(attn, "cpu")
+    assert plan.decode_rows.tolist() == [3]
+    assert plan.decode_slots.tolist() == [[4, 5, 6, 7, 8, 9]]
+    assert [(s.row_start, s.query_len, s.seq_len) for s in plan.prefills] == [(0, 3, 3), (4, 2, 8)]
+    assert plan.prefills[0].key_slots is None
+    assert plan.prefills[1].key_slots.tolist() == [12, 13, 14, 15, 16, 17, 18, 19]
+    assert not plan.decode_only
+
+
+def test_multi_query_heads_equal_kv_heads() -> None:
+    """MHA (Phi-3 style, H == K) goes through the same path without GQA."""
+    gen = torch.Generator().manual_seed(3)
+    kv_cache = torch.zeros(2, 4, BLOCK_SIZE, HEADS, HEAD_DIM)
+    attn = AttentionMetadata.for_contiguous([6], [6], [[2, 0]], BLOCK_SIZE)
+    q = torch.randn(6, HEADS, HEAD_DIM, generator=gen)  # [T, H, d]
+    k = torch.randn(6, HEADS, HEAD_DIM, generator=gen)  # [T, H, d]
+    v = torch.randn(6, HEADS, HEAD_DIM, generator=gen)  # [T, H, d]
+    out = paged_attention(q, k, v, kv_cache, attn, SCALE)
+    scores = torch.einsum("qhd,shd->hqs", q, k) * SCALE  # [H, T, T]
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)  # [H, T, T]
+    torch.testing.assert_close(out, torch.einsum("hqs,shd->qhd", probs, v), atol=1e-5, rtol=1e-5)

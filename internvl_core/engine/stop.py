@@ -1,0 +1,88 @@
+"""Stop rules: output ids + detokenized text -> finish ("stop" at eos / stop id / stop string, or
+"length" at max_tokens), plus the original `chat()` response post-processing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from internvl_core.config import SamplingParams
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True, slots=True)
+class StopDecision:
+    """Why a sequence ends; `truncate_text_to` cuts the text (the stop string or the stop
+    token's own text is not returned). None keeps the whole text."""
+
+    finish_reason: FinishReason
+    stop_reason: int | str | None = None
+    truncate_text_to: int | None = None
+
+
+class StopChecker:
+    """Per-sequence stop state; call `check` once after every appended output token."""
+
+    def __init__(self, params: SamplingParams, *, eos_token_ids: tuple[int, ...]) -> None:
+        """`eos_token_ids`: the template separator id (`<|im_end|>` / `<|end|>`), the original's
+        only stop id; ignored when `params.ignore_eos`. `params.stop_token_ids` always stop."""
+        self._params = params
+        eos = () if params.ignore_eos else eos_token_ids
+        self._stop_ids = frozenset((*params.stop_token_ids, *eos))
+        self._stop_strings = tuple(s for s in params.stop if s)
+        self._checked_len = 0  # text length seen by the previous `check`
+
+    def check(self, output_token_ids: list[int], text: str) -> StopDecision | None:
+        """Decide after the newest token. `text` is the sequence's detokenized text so far; only
+        its tail (new delta + the longest stop string) is searched, so stop strings may span
+        tokens. Nothing stops before `min_tokens` outputs except `max_tokens`."""
+        num_outputs = len(output_token_ids)
+        previous_len = min(self._checked_len, len(text))
+        self._checked_len = len(text)
+        if num_outputs == 0:
+            return None
+        min_tokens = self._params.min_tokens
+        # As the sampler's mask (HF min_new_tokens): a stop id counts only after min_tokens
+        # other outputs; a stop string once min_tokens outputs exist (vLLM).
+        last_id = output_token_ids[-1]
+        if num_outputs > min_tokens and last_id in self._stop_ids:
+            # The stop token's own text (e.g. "<|im_end|>" when specials are kept) is cut.
+            cut = previous_len if len(text) > previous_len else None
+            return StopDecision(finish_reason="stop", stop_reason=last_id, truncate_text_to=cut)
+        if num_outputs >= min_tokens:
+            decision = self._find_stop_string(text, previous_len)
+            if decision is not None:
+                return decision
+        if num_outputs >= self._params.max_tokens:
+            return StopDecision(finish_reason="length")
+        return None
+
+    def _find_stop_string(self, text: str, previous_len: int) -> StopDecision | None:
+        """Earliest stop string that ends in the new text (it may start in older text)."""
+        best: tuple[int, str] | None = None
+        for stop in self._stop_strings:
+            start = max(0, previous_len - len(stop) + 1)
+            index = text.find(stop, start)
+            if index >= 0 and (best is None or index < best[0]):
+                best = (index, stop)
+        if best is None:
+            return None
+        return StopDecision(finish_reason="stop", stop_reason=best[1], truncate_text_to=best[0])
+
+    def safe_text_len(self, text: str) -> int:
+        """Length of the prefix of `text` that can be streamed: a tail that could still grow into
+        a stop string is held back, so a client never sees part of a stop string."""
+        hold = 0
+        for stop in self._stop_strings:
+            for size in range(min(len(stop) - 1, len(text)), hold, -1):
+                if text.endswith(stop[:size]):
+                    hold = size
+                    break
+        return len(text) - hold
+
+
+def finalize_chat_response(text: str, sep: str) -> str:
+    """The original `chat()` post-processing: `text.split(sep)[0].strip()`."""
+    return text.split(sep, 1)[0].strip()

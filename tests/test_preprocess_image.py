@@ -340,9 +340,15 @@ def test_decompression_bomb_is_payload_too_large(monkeypatch: pytest.MonkeyPatch
         open_image(data)
 
 
-def test_empty_image_is_rejected() -> None:
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_empty_image_is_rejected(dynamic: bool) -> None:
+    cfg = TilingConfig(image_size=28, dynamic=dynamic)
     with pytest.raises(MediaError, match="0x5"):
-        count_tiles(0, 5, TilingConfig())
+        count_tiles(0, 5, cfg)
+    with pytest.raises(MediaError, match="0x5"):
+        load_image(Image.new("RGB", (0, 5)), cfg)
+    with pytest.raises(MediaError, match="0x5"):
+        tile_image(Image.new("RGB", (0, 5)), cfg)
 
 
 @pytest.mark.parametrize(

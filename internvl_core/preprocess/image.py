@@ -129,13 +129,17 @@ def candidate_grids(min_num: int, max_num: int) -> tuple[tuple[int, int], ...]:
     return tuple(sorted(grids, key=lambda grid: grid[0] * grid[1]))
 
 
+def _check_size(width: int, height: int) -> None:
+    if width < 1 or height < 1:
+        raise MediaError(f"image is {width}x{height}; both sides must be >= 1", param="image")
+
+
 def find_grid(
     width: int, height: int, *, min_num: int, max_num: int, image_size: int
 ) -> tuple[int, int]:
     """(cols, rows) whose ratio is closest to width/height; on an exact tie the later grid wins
     when the image area exceeds half the grid's pixel area (`find_closest_aspect_ratio`)."""
-    if width < 1 or height < 1:
-        raise MediaError(f"image is {width}x{height}; both sides must be >= 1", param="image")
+    _check_size(width, height)
     aspect_ratio = width / height
     area = width * height
     best_diff = float("inf")
@@ -152,6 +156,7 @@ def find_grid(
 
 def count_tiles(width: int, height: int, cfg: TilingConfig) -> int:
     """Tiles `tile_image` makes for a width x height image, without touching pixels."""
+    _check_size(width, height)
     if not cfg.dynamic:
         return 1
     cols, rows = find_grid(
@@ -165,6 +170,7 @@ def tile_image(image: Image.Image, cfg: TilingConfig) -> list[Image.Image]:
     """The original `dynamic_preprocess`: resize to the grid, crop row-major, maybe a thumbnail."""
     image = image if image.mode == "RGB" else image.convert("RGB")
     size = cfg.image_size
+    _check_size(image.width, image.height)
     if not cfg.dynamic:
         return [image.resize((size, size), Image.Resampling.BICUBIC)]
     cols, rows = find_grid(
@@ -204,6 +210,7 @@ def tile_pixels(image: Image.Image, cfg: TilingConfig) -> list[np.ndarray]:
     """
     size = cfg.image_size
     image = image if image.mode == "RGB" else image.convert("RGB")
+    _check_size(image.width, image.height)
     if not cfg.dynamic:
         thumb = np.asarray(image.resize((size, size), Image.Resampling.BICUBIC))  # [S, S, 3]
         return [thumb[None]]  # [1, S, S, 3]

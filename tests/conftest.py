@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from internvl_core.testing import make_tiny_checkpoint
+from internvl_core.testing.tiny import make_tiny_checkpoint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -13,8 +13,7 @@ import torch
 from internvl_core.checkpoint import CheckpointReader
 from internvl_core.config import ModelArchitecture
 from internvl_core.errors import CheckpointError
-from internvl_core.testing import make_tiny_checkpoint
-from internvl_core.testing.tiny import main
+from internvl_core.testing.tiny import main, make_tiny_checkpoint
 
 FAMILIES = ("qwen2", "internlm2", "phi3", "llama")
 
@@ -266,3 +265,23 @@ def test_cli_writes_and_is_idempotent(tmp_path: Path) -> None:
     assert arch.ps_version == "v1" and not arch.dynamic_image_size
     assert (tmp_path / "model.safetensors.index.json").is_file()
     assert (tmp_path / "tokenizer.model").is_file()
+
+
+def test_session_fixtures_cache_by_arguments(tiny_checkpoint, tiny_qwen2: Path) -> None:
+    assert tiny_checkpoint("qwen2") == tiny_qwen2
+    assert tiny_checkpoint("qwen2", vit="6b") == tiny_checkpoint("qwen2", vit="6b")
+    assert tiny_checkpoint("qwen2", vit="6b") != tiny_qwen2
+
+
+def test_family_fixtures(
+    tiny_internlm2: Path, tiny_phi3: Path, tiny_llama: Path, tiny_internlm2_6b: Path
+) -> None:
+    families = [ModelArchitecture.from_checkpoint(p).llm.family for p in (tiny_phi3, tiny_llama)]
+    assert families == ["phi3", "llama"]
+    assert ModelArchitecture.from_checkpoint(tiny_internlm2).vision.norm_type == "layer_norm"
+    assert ModelArchitecture.from_checkpoint(tiny_internlm2_6b).vision.norm_type == "rms_norm"
+
+
+@pytest.mark.gpu
+def test_gpu_marker_is_skipped_without_cuda() -> None:
+    assert torch.cuda.is_available()

@@ -1,3 +1,4 @@
+# Over 400 lines: the config.json and spec-4 key tables of four families are one concept.
 """Tiny random-weight InternVL checkpoints in the original format, for tests and the CPU demo.
 
 `make_tiny_checkpoint(out_dir, family=...)` writes `config.json` (as the original
@@ -7,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import zlib
@@ -40,6 +42,23 @@ DEFAULT_TEMPLATES: dict[str, str] = {
     "phi3": "phi3-chat",
     "llama": "internlm2-chat",  # InternVL2-Llama3-76B ships internlm2-chat
 }
+# Fields of InternVLChatConfig.to_dict() that no argument changes.
+_CHAT_CONFIG: dict[str, Any] = {
+    "_commit_hash": None,
+    "architectures": ["InternVLChatModel"],
+    "auto_map": {
+        "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+        "AutoModel": "modeling_internvl_chat.InternVLChatModel",
+        "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel",
+    },
+    "downsample_ratio": 0.5,
+    "min_dynamic_patch": 1,
+    "model_type": "internvl_chat",
+    "select_layer": -1,
+    "transformers_version": None,
+    "use_backbone_lora": 0,
+    "use_llm_lora": 0,
+}
 _WEIGHT_PATTERNS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin*")
 
 
@@ -71,28 +90,15 @@ def make_tiny_checkpoint(
     vision_config = _vision_config(
         vit, image_size=image_size, num_layers=num_vit_layers, dtype=dtype
     )
-    config: dict[str, Any] = {
-        "_commit_hash": None,
-        "architectures": ["InternVLChatModel"],
-        "auto_map": {
-            "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
-            "AutoModel": "modeling_internvl_chat.InternVLChatModel",
-            "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel",
-        },
-        "downsample_ratio": 0.5,
+    config = {
+        **_CHAT_CONFIG,
         "dynamic_image_size": dynamic_image_size,
         "force_image_size": image_size,
         "llm_config": llm_config,
         "max_dynamic_patch": max_dynamic_patch,
-        "min_dynamic_patch": 1,
-        "model_type": "internvl_chat",
         "ps_version": ps_version,
-        "select_layer": -1,
         "template": template or DEFAULT_TEMPLATES[family],
         "torch_dtype": dtype,
-        "transformers_version": None,
-        "use_backbone_lora": 0,
-        "use_llm_lora": 0,
         "use_thumbnail": use_thumbnail,
         "vision_config": vision_config,
     }
@@ -157,7 +163,8 @@ def _llm_config(
     num_kv_heads = LLM_HEADS if family == "phi3" else 2
     config: dict[str, Any] = {
         "attention_dropout": 0.0,
-        "bos_token_id": tok.bos_token_id,
+        # Qwen2's config names <|endoftext|> as bos although its tokenizer never adds one.
+        "bos_token_id": tok.token_ids["<|endoftext|>"] if family == "qwen2" else tok.bos_token_id,
         "eos_token_id": tok.eos_token_id,
         "hidden_act": "silu",
         "hidden_size": LLM_HIDDEN,
@@ -173,25 +180,25 @@ def _llm_config(
         "use_cache": True,
         "vocab_size": tok.vocab_size,
     }
-    config.update(_FAMILY_CONFIG[family](num_layers))
+    config.update(_FAMILY_CONFIG[family])
+    if family == "qwen2":
+        config["max_window_layers"] = num_layers
     return config
 
 
-def _qwen2_config(num_layers: int) -> dict[str, Any]:
-    return {
+_HALF_HEAD_DIM = LLM_HIDDEN // LLM_HEADS // 2
+# Each family's own config.json keys (beyond the shared ones in _llm_config).
+_FAMILY_CONFIG: dict[str, dict[str, Any]] = {
+    "qwen2": {
         "architectures": ["Qwen2ForCausalLM"],
         "model_type": "qwen2",
         "max_position_embeddings": 32768,
-        "max_window_layers": num_layers,
         "rope_scaling": None,
         "rope_theta": 1000000.0,
         "sliding_window": 32768,
         "use_sliding_window": False,
-    }
-
-
-def _internlm2_config(num_layers: int) -> dict[str, Any]:
-    return {
+    },
+    "internlm2": {
         "architectures": ["InternLM2ForCausalLM"],
         "model_type": "internlm2",
         "attn_implementation": "eager",
@@ -205,12 +212,8 @@ def _internlm2_config(num_layers: int) -> dict[str, Any]:
         "pretraining_tp": 1,
         "rope_scaling": {"factor": 2.0, "type": "dynamic"},
         "rope_theta": 1000000,
-    }
-
-
-def _phi3_config(num_layers: int) -> dict[str, Any]:
-    half_head_dim = LLM_HIDDEN // LLM_HEADS // 2
-    return {
+    },
+    "phi3": {
         "architectures": ["Phi3ForCausalLM"],
         "model_type": "phi3",
         "auto_map": {
@@ -221,19 +224,16 @@ def _phi3_config(num_layers: int) -> dict[str, Any]:
         "max_position_embeddings": 131072,
         "original_max_position_embeddings": 4096,
         "resid_pdrop": 0.0,
-        # Deterministic factors shaped like Phi-3-mini-128k's: short near 1, long growing to ~8.
+        # Deterministic factors shaped like Phi-3-mini-128k's: short near 1, long growing.
         "rope_scaling": {
             "type": "su",
-            "short_factor": [round(1.0 + 0.01 * i, 4) for i in range(half_head_dim)],
-            "long_factor": [round(1.0 + i, 4) for i in range(half_head_dim)],
+            "short_factor": [round(1.0 + 0.01 * i, 4) for i in range(_HALF_HEAD_DIM)],
+            "long_factor": [round(1.0 + i, 4) for i in range(_HALF_HEAD_DIM)],
         },
         "rope_theta": 10000.0,
         "sliding_window": 262144,
-    }
-
-
-def _llama_config(num_layers: int) -> dict[str, Any]:
-    return {
+    },
+    "llama": {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "attention_bias": False,
@@ -242,14 +242,7 @@ def _llama_config(num_layers: int) -> dict[str, Any]:
         "pretraining_tp": 1,
         "rope_scaling": None,
         "rope_theta": 500000.0,
-    }
-
-
-_FAMILY_CONFIG = {
-    "qwen2": _qwen2_config,
-    "internlm2": _internlm2_config,
-    "phi3": _phi3_config,
-    "llama": _llama_config,
+    },
 }
 
 
@@ -387,7 +380,9 @@ def _write_weights(
     if num_shards == 1:
         _save(out / f"{stem}.{suffix}", tensors, weights_format)
         return
-    groups = _split_by_bytes(keys, tensors, num_shards)
+    # Consecutive, non-empty groups of about equal key count.
+    bounds = [round(i * len(keys) / num_shards) for i in range(num_shards + 1)]
+    groups = [keys[lo:hi] for lo, hi in itertools.pairwise(bounds)]
     weight_map: dict[str, str] = {}
     for index, group in enumerate(groups, start=1):
         name = f"{stem}-{index:05d}-of-{num_shards:05d}.{suffix}"
@@ -396,28 +391,6 @@ def _write_weights(
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index_doc = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / f"{stem}.{suffix}.index.json").write_text(json.dumps(index_doc, indent=2) + "\n")
-
-
-def _split_by_bytes(
-    keys: list[str], tensors: dict[str, torch.Tensor], num_shards: int
-) -> list[list[str]]:
-    """Consecutive groups of about equal byte size, none empty."""
-    sizes = [tensors[k].numel() * tensors[k].element_size() for k in keys]
-    target = sum(sizes) / num_shards
-    groups: list[list[str]] = [[]]
-    filled = 0
-    for i, (key, size) in enumerate(zip(keys, sizes, strict=True)):
-        remaining_keys = len(keys) - i
-        remaining_groups = num_shards - len(groups)
-        starts_new = groups[-1] and (
-            filled >= target * len(groups) or remaining_keys <= remaining_groups
-        )
-        if starts_new and remaining_groups > 0:
-            groups.append([])
-        groups[-1].append(key)
-        filled += size
-    assert len(groups) == num_shards, (len(groups), num_shards)
-    return groups
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor], weights_format: WeightsFormat) -> None:
@@ -430,42 +403,26 @@ def _save(path: Path, tensors: dict[str, torch.Tensor], weights_format: WeightsF
 def main(argv: list[str] | None = None) -> Path:
     """CLI: `python -m internvl_core.testing.tiny --family qwen2 --out models/tiny`."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", required=True, type=Path, help="checkpoint folder to (re)write")
-    parser.add_argument("--family", default="qwen2", choices=get_args(Family))
-    parser.add_argument("--vit", default="300m", choices=get_args(VitKind))
-    parser.add_argument("--ps-version", default="v2", choices=("v1", "v2"))
-    parser.add_argument("--no-dynamic", action="store_true", help="dynamic_image_size false")
-    parser.add_argument("--no-thumbnail", action="store_true", help="use_thumbnail false")
-    parser.add_argument("--max-dynamic-patch", type=int, default=12)
-    parser.add_argument("--image-size", type=int, default=56)
-    parser.add_argument("--layers", type=int, default=2, help="LLM layers")
-    parser.add_argument("--vit-layers", type=int, default=2)
-    parser.add_argument("--dtype", default="float32", choices=get_args(DtypeName))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--shards", type=int, default=1)
-    parser.add_argument("--format", default="safetensors", choices=get_args(WeightsFormat))
-    parser.add_argument("--template", default=None)
-    parser.add_argument("--system-message", default=None)
-    args = parser.parse_args(argv)
+    add = parser.add_argument
+    add("--out", required=True, type=Path, help="checkpoint folder to (re)write")
+    add("--family", default="qwen2", choices=get_args(Family))
+    add("--vit", default="300m", choices=get_args(VitKind))
+    add("--ps-version", default="v2", choices=("v1", "v2"))
+    add("--no-dynamic", dest="dynamic_image_size", action="store_false")
+    add("--no-thumbnail", dest="use_thumbnail", action="store_false")
+    add("--max-dynamic-patch", type=int, default=12)
+    add("--image-size", type=int, default=56)
+    add("--layers", dest="num_llm_layers", type=int, default=2, help="LLM layers")
+    add("--vit-layers", dest="num_vit_layers", type=int, default=2)
+    add("--dtype", default="float32", choices=get_args(DtypeName))
+    add("--seed", type=int, default=0)
+    add("--shards", dest="num_shards", type=int, default=1)
+    add("--format", dest="weights_format", default="safetensors", choices=get_args(WeightsFormat))
+    add("--template", default=None)
+    add("--system-message", default=None)
+    kwargs = vars(parser.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return make_tiny_checkpoint(
-        args.out,
-        family=args.family,
-        vit=args.vit,
-        ps_version=args.ps_version,
-        dynamic_image_size=not args.no_dynamic,
-        use_thumbnail=not args.no_thumbnail,
-        max_dynamic_patch=args.max_dynamic_patch,
-        image_size=args.image_size,
-        num_llm_layers=args.layers,
-        num_vit_layers=args.vit_layers,
-        dtype=args.dtype,
-        seed=args.seed,
-        num_shards=args.shards,
-        weights_format=args.format,
-        template=args.template,
-        system_message=args.system_message,
-    )
+    return make_tiny_checkpoint(kwargs.pop("out"), **kwargs)
 
 
 if __name__ == "__main__":

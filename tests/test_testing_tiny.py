@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from internvl_core.errors import CheckpointError
 from internvl_core.testing.tiny import main, make_tiny_checkpoint
 
 FAMILIES = ("qwen2", "internlm2", "phi3", "llama")
+TinyFactory = Callable[..., Path]
 
 VIT_LAYER_300M = {
     "attn.qkv.weight": (96, 32),
@@ -111,7 +113,7 @@ def _expected_shapes(family: str, vit: str, vocab: int) -> dict[str, tuple[int, 
 
 @pytest.mark.parametrize("vit", ["300m", "6b"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_keys_and_shapes_match_spec(tiny_checkpoint, family: str, vit: str) -> None:
+def test_keys_and_shapes_match_spec(tiny_checkpoint: TinyFactory, family: str, vit: str) -> None:
     path = tiny_checkpoint(family, vit=vit)
     arch = ModelArchitecture.from_checkpoint(path)
     reader = CheckpointReader(path)
@@ -122,7 +124,7 @@ def test_keys_and_shapes_match_spec(tiny_checkpoint, family: str, vit: str) -> N
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_config_parses_into_model_architecture(tiny_checkpoint, family: str) -> None:
+def test_config_parses_into_model_architecture(tiny_checkpoint: TinyFactory, family: str) -> None:
     path = tiny_checkpoint(family)
     raw = json.loads((path / "config.json").read_text())
     assert raw["architectures"] == ["InternVLChatModel"]
@@ -141,7 +143,7 @@ def test_config_parses_into_model_architecture(tiny_checkpoint, family: str) -> 
     assert arch.template == expected_template
 
 
-def test_rope_fields_per_family(tiny_checkpoint) -> None:
+def test_rope_fields_per_family(tiny_checkpoint: TinyFactory) -> None:
     internlm2 = ModelArchitecture.from_checkpoint(tiny_checkpoint("internlm2")).llm
     assert internlm2.rope_scaling is not None and internlm2.rope_scaling.type == "dynamic"
     assert internlm2.rope_scaling.factor == 2.0 and internlm2.rope_theta == 1e6
@@ -181,7 +183,7 @@ def test_6b_vision_and_v1_options(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("fmt", "num_shards"), [("safetensors", 3), ("bin", 1), ("bin", 2)])
 def test_sharded_and_bin_formats_hold_same_tensors(
-    tiny_checkpoint, tmp_path: Path, fmt: str, num_shards: int
+    tiny_checkpoint: TinyFactory, tmp_path: Path, fmt: str, num_shards: int
 ) -> None:
     reference = CheckpointReader(tiny_checkpoint("qwen2"))
     path = make_tiny_checkpoint(tmp_path, family="qwen2", weights_format=fmt, num_shards=num_shards)
@@ -225,7 +227,7 @@ def test_bin_output_is_deterministic(tmp_path: Path) -> None:
     assert _digest(make_tiny_checkpoint(tmp_path / "b", weights_format="bin")) == first
 
 
-def test_value_ranges_make_every_path_matter(tiny_checkpoint) -> None:
+def test_value_ranges_make_every_path_matter(tiny_checkpoint: TinyFactory) -> None:
     tensors = CheckpointReader(tiny_checkpoint("internlm2", vit="6b")).load(lambda k: True)
     ls = tensors["vision_model.encoder.layers.0.ls1"]
     assert ls.min().item() >= 0.1 and ls.max().item() <= 1.0
@@ -267,7 +269,9 @@ def test_cli_writes_and_is_idempotent(tmp_path: Path) -> None:
     assert (tmp_path / "tokenizer.model").is_file()
 
 
-def test_session_fixtures_cache_by_arguments(tiny_checkpoint, tiny_qwen2: Path) -> None:
+def test_session_fixtures_cache_by_arguments(
+    tiny_checkpoint: TinyFactory, tiny_qwen2: Path
+) -> None:
     assert tiny_checkpoint("qwen2") == tiny_qwen2
     assert tiny_checkpoint("qwen2", vit="6b") == tiny_checkpoint("qwen2", vit="6b")
     assert tiny_checkpoint("qwen2", vit="6b") != tiny_qwen2

@@ -93,8 +93,10 @@ class InternLM2Tokenizer:
         self.eos_token_id = self._added[eos_token].token_id if eos_token else None
         self.vocab_size = max(self.sp_size, max(self._by_id, default=-1) + 1)
         self.special_ids = self.named_ids | {s.token_id for s in self._added.values() if s.special}
+        # Longest first, so the leftmost match is also the longest (as transformers' trie).
         contents = sorted(self._added, key=len, reverse=True)
-        self._split_pattern = re.compile("(" + "|".join(map(re.escape, contents)) + ")")
+        alternatives = "|".join(map(re.escape, contents)) or r"(?!x)x"
+        self._split_pattern = re.compile(f"({alternatives})")
 
     def _named_id(self, token: str) -> int:
         token_id = self._sp.piece_to_id(token)

@@ -177,7 +177,8 @@ def test_each_step_decodes_a_short_window(tokenizer: PreTrainedTokenizerFast) ->
         detok.append(t)
     detok.flush()
     assert detok.text == tokenizer.decode(ids, skip_special_tokens=True)
-    assert max(counter.lengths) <= 16
+    assert max(counter.lengths) <= 24
+    assert sum(counter.lengths) / len(counter.lengths) <= 10
     assert len(counter.lengths) <= 2 * len(ids)
 
 
@@ -189,3 +190,20 @@ def test_space_after_skipped_special_is_kept(tokenizer: PreTrainedTokenizerFast)
     deltas = _stream(tokenizer, ids, skip=True)
     assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=True)
     assert "".join(deltas).endswith(" world")
+
+
+@pytest.mark.parametrize("family", ["qwen2", "internlm2", "phi3", "llama"])
+@pytest.mark.parametrize("skip", [True, False])
+def test_project_tokenizers_deltas_concatenate_to_decode(
+    request: pytest.FixtureRequest, family: str, skip: bool
+) -> None:
+    from internvl_core.tokenizer.loader import load_tokenizer
+
+    tok = load_tokenizer(request.getfixturevalue(f"tiny_{family}"))
+    # Known gap (see IncrementalDetokenizer): unskipped <unk>/<s>/</s> pieces make the slow
+    # InternLM2 decode insert a space before the preceding text run, which a stream cannot do.
+    excluded = {0, 1, 2} if family == "internlm2" and not skip else set()
+    for seed in range(200):
+        ids = [t for t in _random_ids(tok, seed) if t not in excluded]  # type: ignore[arg-type]
+        deltas = _stream(tok, ids, skip=skip)  # type: ignore[arg-type]
+        assert "".join(deltas) == tok.decode(ids, skip_special_tokens=skip), (family, seed, ids)

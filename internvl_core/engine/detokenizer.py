@@ -17,8 +17,13 @@ logger = logging.getLogger(__name__)
 REPLACEMENT_CHAR = "\ufffd"
 # Sentencepiece byte-fallback pieces. transformers' fast ByteFallback decoder turns a whole run of
 # them into U+FFFDs when the run is not valid UTF-8, so a later byte token can rewrite the text of
-# earlier ones ("<0x67>" = "g" alone, "\ufffd\ufffd" followed by "<0xE4>"): runs are held back.
+# earlier ones ("<0x67>" alone is "g"; followed by "<0xE4>" both become U+FFFD): runs are held.
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+# transformers' `clean_up_tokenization` (always on in the original InternLM2 decode) deletes the
+# space in these patterns, so a tail that may still grow into one of them is held back.
+_CLEANUP_PATTERNS = (" .", " ?", " !", " ,", " ' ", " n't", " 'm", " 's", " 've", " 're")
+# Tokens of context kept before the newest ones; the window slides once it is twice as long.
+_CONTEXT_TOKENS = 4
 
 
 class TokenDecoder(Protocol):
@@ -29,20 +34,43 @@ class TokenDecoder(Protocol):
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]: ...
 
 
-class IncrementalDetokenizer:
-    """Per-sequence text state; `append` returns the new complete text, `flush` the held rest.
+def _common_prefix_len(a: str, b: str) -> int:
+    size = min(len(a), len(b))
+    for i in range(size):
+        if a[i] != b[i]:
+            return i
+    return size
 
-    Window technique: `prefix_offset:read_offset` are tokens whose text was already returned and
-    serve as context; each step decodes `ids[prefix_offset:]` and returns what follows the
-    context's own decode. Text ending in U+FFFD (a multi-byte character split over byte tokens) is
-    held back until a later token completes it; so is a run of byte-fallback tokens, until a
-    token that adds visible text ends it. `flush()` releases the rest when the sequence ends.
-    The window only moves past tokens that produced text, so a leading space is never stripped
-    because the context happened to be all skipped special tokens.
+
+def _unstable_suffix_len(text: str) -> int:
+    """Longest tail of `text` that is a proper prefix of a clean-up pattern."""
+    for size in range(min(len(text), max(len(p) for p in _CLEANUP_PATTERNS) - 1), 0, -1):
+        tail = text[-size:]
+        if any(p.startswith(tail) and len(p) > size for p in _CLEANUP_PATTERNS):
+            return size
+    return 0
+
+
+class IncrementalDetokenizer:
+    """Per-sequence text state: `append` returns the newly complete text, `flush` the rest.
+
+    Each step decodes the window `ids[window_start:]` (a few context tokens + the new one) and
+    compares it with the window's previous decode: appended characters are new text, and a
+    decoder that rewrites the window's tail (U+FFFD completed into a character, a byte-fallback
+    run turned invalid, a clean-up that deletes a space) is followed exactly as long as the
+    rewritten characters were not returned yet. A tail that may still change is held back: trailing
+    U+FFFD, an open byte-fallback run, a prefix of a clean-up pattern. `flush()` returns it when
+    the sequence ends (invalid bytes then stay U+FFFD, as in `decode`). The window slides only
+    over stable text and only to a context whose own decode matches, so start-of-text effects
+    (a stripped leading space, skipped special tokens) never leak into the deltas.
+
+    Known gap: with `skip_special_tokens=False`, the slow InternLM2 / Llama decode puts a space
+    before the whole run of text that precedes a `<s>`/`</s>`/`<unk>` piece; a streamed delta
+    cannot insert it retroactively (`skip_special_tokens=True`, the original's setting, is exact).
     """
 
     # follows https://github.com/vllm-project/vllm/blob/v0.6.0/vllm/transformers_utils/detokenizer.py
-    # (detokenize_incrementally), decoding id windows with `decode` instead of token strings.
+    # (detokenize_incrementally: decode a short window, return what the new token added).
 
     def __init__(
         self,
@@ -57,13 +85,11 @@ class IncrementalDetokenizer:
         self._skip_special_tokens = skip_special_tokens
         self.num_prompt_tokens = len(prompt_token_ids)
         self._ids: list[int] = []
-        self._prefix_offset = 0
-        self._read_offset = 0
-        self._prefix_text = ""
-        self._text = ""
-        # A byte-fallback run is open; `_held_window` is the window's decode at the last hold.
-        self._byte_run_open = False
-        self._held_window = ""
+        self._window_start = 0
+        self._window_text = ""  # decode(ids[window_start:]) after the last step
+        self._text = ""  # returned so far
+        self._pending = ""  # decoded, not returned yet: may still change
+        self._byte_run_start: int | None = None  # text position where an open byte run began
 
     @property
     def text(self) -> str:
@@ -76,63 +102,79 @@ class IncrementalDetokenizer:
 
     @property
     def has_pending(self) -> bool:
-        """Whether tokens are held back (an incomplete character at the end)."""
-        return self._read_offset < len(self._ids)
+        """Whether decoded text is held back (it may still change)."""
+        return bool(self._pending)
 
     def append(self, token_id: int) -> str:
-        """Add one output token; return its complete text delta ("" while held back)."""
+        """Add one output token; return the text that became final ("" while held back)."""
         self._ids.append(token_id)
-        window = self._decode(self._ids[self._prefix_offset :])
+        window = self._decode(self._ids[self._window_start :])
+        old_window = self._window_text
+        changed_from = self._absorb(window)
         if self._is_byte_token(token_id):
-            self._byte_run_open = True
-            return self._hold(window)
-        if window.endswith(REPLACEMENT_CHAR):
-            return self._hold(window)
-        if self._byte_run_open and window == self._held_window:
-            # A token without visible text (a skipped special) does not end a byte run.
-            return self._hold(window)
-        self._byte_run_open = False
-        return self._emit(window)
+            start = self._byte_run_start
+            self._byte_run_start = changed_from if start is None else min(start, changed_from)
+        elif window != old_window:
+            self._byte_run_start = None  # visible text ends the run; skipped specials do not
+        delta = self._release(final=False)
+        self._slide_window()
+        return delta
 
     def flush(self) -> str:
-        """Release held-back text at the end of the sequence (invalid bytes stay as U+FFFD)."""
-        if not self.has_pending:
-            return ""
-        self._byte_run_open = False
-        return self._emit(self._decode(self._ids[self._prefix_offset :]))
+        """Return the held-back text at the end of the sequence."""
+        self._byte_run_start = None
+        return self._release(final=True)
 
-    def _hold(self, window: str) -> str:
-        self._held_window = window
-        return ""
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
 
     def _is_byte_token(self, token_id: int) -> bool:
         token = self._tokenizer.convert_ids_to_tokens([token_id])[0]
         return token is not None and _BYTE_TOKEN.fullmatch(token) is not None
 
-    def _decode(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
+    def _absorb(self, window: str) -> int:
+        """Fold the new window decode into the pending text; return the text position from
+        which characters are new or rewritten."""
+        old = self._window_text
+        keep = _common_prefix_len(old, window)
+        rewritten = len(old) - keep
+        self._window_text = window
+        if rewritten > len(self._pending):
+            return self._resync()
+        self._pending = self._pending[: len(self._pending) - rewritten] + window[keep:]
+        return len(self._text) + len(self._pending) - (len(window) - keep)
 
-    def _emit(self, window: str) -> str:
-        """Return the text of `window` past the context and slide the window."""
-        if window.startswith(self._prefix_text):
-            delta = window[len(self._prefix_text) :]
-        else:
-            delta = self._delta_from_full_decode()
-        previous_read = self._read_offset
-        self._read_offset = len(self._ids)
-        if not delta:
-            # No visible text (e.g. skipped special tokens): keep the context where it is.
-            self._prefix_text = window
-            return ""
-        self._prefix_offset = previous_read
-        self._prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+    def _resync(self) -> int:
+        """Slow path: the decoder changed text already returned; decode everything once."""
+        full = self._decode(self._ids)
+        if not full.startswith(self._text):
+            logger.warning("decode rewrote text already streamed; continuing after it")
+        self._pending = full[len(self._text) :]
+        self._window_start = max(0, len(self._ids) - _CONTEXT_TOKENS)
+        self._window_text = self._decode(self._ids[self._window_start :])
+        return len(self._text)
+
+    def _release(self, *, final: bool) -> str:
+        pending = self._pending
+        hold = 0
+        if not final:
+            hold = len(pending) - len(pending.rstrip(REPLACEMENT_CHAR))
+            hold = max(hold, _unstable_suffix_len(pending))
+            if self._byte_run_start is not None:
+                hold = max(hold, len(self._text) + len(pending) - self._byte_run_start)
+        delta = pending[: max(0, len(pending) - hold)]
+        self._pending = pending[len(delta) :]
         self._text += delta
         return delta
 
-    def _delta_from_full_decode(self) -> str:
-        """Slow path for a tokenizer whose window decode is not prefix-stable here."""
-        full = self._decode(self._ids)
-        if full.startswith(self._text):
-            return full[len(self._text) :]
-        logger.debug("decode changed already returned text; returning only the new tail")
-        return full[len(self._text) :] if len(full) > len(self._text) else ""
+    def _slide_window(self) -> None:
+        """Drop old context once the window is long, if all of it is returned and stable."""
+        start = len(self._ids) - _CONTEXT_TOKENS
+        if start - self._window_start < _CONTEXT_TOKENS or self._pending:
+            return
+        if self._byte_run_start is not None:
+            return
+        context = self._decode(self._ids[start:])
+        if context and self._window_text.endswith(context):
+            self._window_start = start
+            self._window_text = context

@@ -135,7 +135,7 @@ def paged_attention(
         out[plan.decode_rows] = decode_out
     for span in plan.prefills:
         rows = slice(span.row_start, span.row_start + span.query_len)
-        out[rows] = _prefill_attention(q[rows], k[rows], v[rows], flat, span, scale, gqa=gqa)
+        out[rows] = _prefill_attention(q[rows], k[rows], v[rows], flat, span, scale=scale, gqa=gqa)
     return out
 
 
@@ -158,8 +158,8 @@ def _prefill_attention(
     v: torch.Tensor,
     flat: torch.Tensor,
     span: PrefillSpan,
-    scale: float,
     *,
+    scale: float,
     gqa: bool,
 ) -> torch.Tensor:
     """Causal attention of one sequence's query rows q [Q, H, d] -> [Q, H, d]."""

@@ -152,6 +152,7 @@ class DecoderModel(nn.Module):
             self.to_empty(device=self.device)
             self._tie_head()
             self._init_random()
+        self.requires_grad_(False)  # inference only: no autograd graph even outside no_grad
 
     @property
     def shares_head(self) -> bool:
@@ -244,6 +245,8 @@ class DecoderModel(nn.Module):
         arch = self.arch
         check_stage_keys(reader.keys(), arch, self.stage_keys(), prefix=prefix)
         self._load_edges(reader, prefix)
+        # bitsandbytes quantizes while moving CPU weights to the device: stage them on the CPU.
+        staging = torch.device("cpu") if quantization is not None else self.device
         for offset, layer in enumerate(self.layers):
             idx = self.start_layer + offset
             tensors = load_recipes(
@@ -252,12 +255,14 @@ class DecoderModel(nn.Module):
                 arch,
                 prefix=prefix,
                 dtype=self.dtype,
-                device=self.device,
+                device=staging,
             )
-            layer.to_empty(device=self.device)
+            layer.to_empty(device=staging)
             load_into_module(layer, tensors, context=f"{prefix}model.layers.{idx}")
             if quantization is not None:
                 quantize_layer(layer, quantization, device=self.device, compute_dtype=self.dtype)
+                layer.input_layernorm.to(self.device)
+                layer.post_attention_layernorm.to(self.device)
         logger.info(
             "loaded %s layers [%d, %d) from %s%s",
             arch.family,

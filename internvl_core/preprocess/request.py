@@ -1,0 +1,218 @@
+"""Server-side preprocessing of one chat request: media, tiles, prompt ids, every limit checked.
+
+In: a validated `ChatCompletionRequest`. Out: a `PreparedRequest` (prompt token ids, numpy pixel
+tiles per image in placeholder order with content hashes, sampling params), built with exactly the
+prompt rules of `InternVLChat.chat`, or an InvalidRequestError naming the limit and the knob.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from internvl_core.config import EngineConfig, ModelArchitecture, SamplingParams
+from internvl_core.errors import (
+    ContextLengthError,
+    InvalidRequestError,
+    MediaError,
+    PayloadTooLargeError,
+)
+from internvl_core.preprocess.conversation import MediaItem, plan_conversation
+from internvl_core.preprocess.image import TilingConfig, load_image
+from internvl_core.preprocess.media import MediaFetcher
+from internvl_core.preprocess.prompt import (
+    build_query,
+    count_placeholders,
+    expand_image_placeholders,
+    get_template,
+)
+from internvl_core.preprocess.video import load_video, video_info
+from internvl_core.protocol import ChatCompletionRequest
+from internvl_core.serve_args import MediaLimits
+from internvl_core.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+ALLOWED_IMAGE_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
+
+
+@dataclass(slots=True)
+class PreparedImage:
+    """One image (or video frame): normalised tiles and a hash of its content."""
+
+    pixel_values: np.ndarray  # [num_tiles, 3, S, S] float32
+    content_hash: str
+
+    @property
+    def num_tiles(self) -> int:
+        return int(self.pixel_values.shape[0])
+
+
+@dataclass(slots=True)
+class PreparedRequest:
+    """Everything the vision pool and the LLM replica need; arrays travel by reference."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    images: list[PreparedImage] = field(default_factory=list)
+    num_image_tokens: int = 0
+
+    @property
+    def num_tiles(self) -> int:
+        return sum(image.num_tiles for image in self.images)
+
+
+def content_hash(data: bytes | np.ndarray) -> str:
+    """Stable content hash (embedding cache and prefix-cache keys)."""
+    raw = data if isinstance(data, bytes) else np.ascontiguousarray(data).tobytes()
+    return hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+
+class RequestPreparer:
+    """Turns requests into PreparedRequests for one model; one per Preprocess replica."""
+
+    def __init__(
+        self,
+        arch: ModelArchitecture,
+        tokenizer: Tokenizer,
+        limits: MediaLimits,
+        engine: EngineConfig,
+        default_sampling: SamplingParams,
+    ) -> None:
+        self.arch = arch
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.engine = engine
+        self.default_sampling = default_sampling
+        self.template = get_template(arch.template)
+        self.system_message = arch.system_message or self.template.system_message
+        self.fetcher = MediaFetcher(limits)
+
+    async def prepare(self, request: ChatCompletionRequest, request_id: str) -> PreparedRequest:
+        plan = plan_conversation(request.messages, max_dynamic_patch=request.max_dynamic_patch)
+        num_pictures = sum(item.num_placeholders for item in plan.media)
+        if num_pictures > self.limits.max_images_per_request:
+            raise InvalidRequestError(
+                f"request has {num_pictures} images and video frames; "
+                f"max_images_per_request is {self.limits.max_images_per_request}",
+                param="messages",
+            )
+        groups = await asyncio.gather(*(self._load_media(item) for item in plan.media))
+        images = [image for group in groups for image in group]
+        num_tiles = sum(image.num_tiles for image in images)
+        if num_tiles > self.limits.max_tiles_per_request:
+            raise InvalidRequestError(
+                f"request needs {num_tiles} image tiles; max_tiles_per_request is "
+                f"{self.limits.max_tiles_per_request} (lower max_dynamic_patch or use detail=low)",
+                param="max_dynamic_patch",
+            )
+        system = plan.system_message if plan.system_message is not None else self.system_message
+        query = build_query(
+            self.template, plan.question, history=plan.history, system_message=system
+        )
+        if count_placeholders(query) < len(images):
+            raise InvalidRequestError("more images than <image> placeholders", param="messages")
+        query = expand_image_placeholders(
+            query, [image.num_tiles for image in images], self.arch.num_image_token
+        )
+        token_ids = self.tokenizer.encode(query)
+        sampling = self._fit_sampling(request, len(token_ids), num_tiles)
+        return PreparedRequest(
+            request_id=request_id,
+            prompt_token_ids=token_ids,
+            sampling=sampling,
+            images=images,
+            num_image_tokens=num_tiles * self.arch.num_image_token,
+        )
+
+    def _fit_sampling(
+        self, request: ChatCompletionRequest, prompt_len: int, num_tiles: int
+    ) -> SamplingParams:
+        sampling = request.sampling(self.default_sampling)
+        limit = self.engine.max_model_len
+        asked = request.max_completion_tokens or request.max_tokens
+        image_tokens = num_tiles * self.arch.num_image_token
+        if prompt_len >= limit or (asked is not None and prompt_len + asked > limit):
+            raise ContextLengthError(
+                f"prompt has {prompt_len} tokens ({image_tokens} of them image tokens from "
+                f"{num_tiles} tiles) + max_tokens {asked or 1} > max_model_len {limit}; "
+                "reduce max_dynamic_patch, use detail=low, send fewer images or shorten the text",
+                param="messages",
+            )
+        if prompt_len + sampling.max_tokens > limit:
+            sampling = sampling.model_copy(update={"max_tokens": limit - prompt_len})
+        return sampling
+
+    def _tiling(self, item: MediaItem) -> TilingConfig:
+        default = self.limits.max_dynamic_patch or self.arch.max_dynamic_patch
+        max_num = 1 if item.detail == "low" else (item.max_tiles or default)
+        return TilingConfig.from_architecture(self.arch, max_num=max_num)
+
+    async def _load_media(self, item: MediaItem) -> list[PreparedImage]:
+        if item.kind == "image":
+            data = await self.fetcher.fetch(item.url, self.limits.max_image_bytes)
+            image = await asyncio.to_thread(self._decode_image, data, self._tiling(item))
+            return [image]
+        data = await self.fetcher.fetch(item.url, self.limits.max_video_bytes)
+        return await asyncio.to_thread(self._decode_video, data, item)
+
+    def _decode_image(self, data: bytes, tiling: TilingConfig) -> PreparedImage:
+        try:
+            header = Image.open(io.BytesIO(data))
+        except Exception as e:  # PIL raises many types for garbage input
+            raise MediaError(f"image could not be decoded: {type(e).__name__}: {e}") from e
+        if header.format not in ALLOWED_IMAGE_FORMATS:
+            raise MediaError(
+                f"image format {header.format} is not allowed; allowed: "
+                f"{sorted(ALLOWED_IMAGE_FORMATS)}"
+            )
+        width, height = header.size
+        if width * height > self.limits.max_image_pixels:
+            raise PayloadTooLargeError(
+                f"image is {width}x{height} = {width * height} pixels; max_image_pixels is "
+                f"{self.limits.max_image_pixels}"
+            )
+        pixels = load_image(header, tiling)  # [tiles, 3, S, S]
+        return PreparedImage(pixels, content_hash(data) + f":{tiling.max_num}")
+
+    def _decode_video(self, data: bytes, item: MediaItem) -> list[PreparedImage]:
+        if item.num_segments > self.limits.max_num_segments:
+            raise InvalidRequestError(
+                f"num_segments is {item.num_segments}; max_num_segments is "
+                f"{self.limits.max_num_segments}",
+                param="num_segments",
+            )
+        info = video_info(data)
+        if info.duration_s > self.limits.max_video_duration_s:
+            raise PayloadTooLargeError(
+                f"video lasts {info.duration_s:.0f} s; max_video_duration_s is "
+                f"{self.limits.max_video_duration_s:.0f}"
+            )
+        if info.width * info.height > self.limits.max_image_pixels:
+            raise PayloadTooLargeError(
+                f"video frames are {info.width}x{info.height}; max_image_pixels is "
+                f"{self.limits.max_image_pixels}"
+            )
+        tiling = TilingConfig(
+            image_size=self.arch.force_image_size,
+            min_num=1,
+            max_num=item.max_tiles or 1,
+            use_thumbnail=True,
+            dynamic=True,
+        )
+        pixels, num_patches = load_video(
+            data, cfg=tiling, num_segments=item.num_segments, bound=item.bound
+        )
+        frames, offset = [], 0
+        for count in num_patches:
+            tiles = pixels[offset : offset + count]  # [count, 3, S, S]
+            frames.append(PreparedImage(tiles, content_hash(tiles)))
+            offset += count
+        return frames

@@ -127,7 +127,8 @@ class Sampler:
         if unseeded:
             shared = torch.empty(len(unseeded), shape[1], device=device)  # [U, V]
             shared.exponential_(generator=self._shared_generator(device))
-            noise[torch.tensor(unseeded, device=device)] = shared
+            unseeded_index = torch.tensor(unseeded, device=device)  # [U]
+            noise[unseeded_index] = shared
         return noise
 
     def _shared_generator(self, device: torch.device) -> torch.Generator:
@@ -165,8 +166,9 @@ def apply_min_tokens(logits: Tensor, batch: SamplingBatch) -> Tensor:
     if not rows:
         return logits
     masked = logits.clone()  # [N, V]
-    index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
-    masked.index_put_(index, torch.tensor(float("-inf"), device=logits.device))
+    row_index = torch.tensor(rows, device=logits.device)  # [M]
+    col_index = torch.tensor(cols, device=logits.device)  # [M]
+    masked.index_put_((row_index, col_index), torch.tensor(float("-inf"), device=logits.device))
     return masked
 
 
@@ -205,7 +207,7 @@ def apply_penalties(logits: Tensor, batch: SamplingBatch) -> Tensor:
     if need_openai:
         ids = _padded_ids(batch.output_token_ids, vocab_size, device)  # [N, L]
         counts = torch.zeros(num_rows, vocab_size + 1, device=device)  # [N, V+1]
-        counts.scatter_add_(1, ids, torch.ones(ids.shape, device=device))
+        counts.scatter_add_(1, ids, torch.ones(ids.shape, device=device))  # ones [N, L]
         counts = counts[:, :vocab_size]  # [N, V]
         frequency = torch.tensor([p.frequency_penalty for p in params], device=device)  # [N]
         presence = torch.tensor([p.presence_penalty for p in params], device=device)  # [N]
@@ -224,8 +226,10 @@ def apply_top_k_top_p(logits: Tensor, params: Sequence[SamplingParams]) -> Tenso
     device = logits.device
     ascending, order = logits.sort(dim=-1, stable=True)  # [S, V] each
     if use_k:
-        k = torch.tensor([min(p.top_k, vocab_size) or vocab_size for p in params], device=device)
-        kth = ascending.gather(1, (vocab_size - k).unsqueeze(1))  # [S, 1]
+        # top_k 0 (off) or >= V keeps everything: threshold at the smallest logit
+        k_values = [min(p.top_k, vocab_size) or vocab_size for p in params]
+        top_k = torch.tensor(k_values, device=device)  # [S]
+        kth = ascending.gather(1, (vocab_size - top_k).unsqueeze(1))  # [S, 1]
         ascending = ascending.masked_fill(ascending < kth, float("-inf"))  # [S, V]
     if use_p:
         top_p = torch.tensor([p.top_p for p in params], device=device).unsqueeze(1)  # [S, 1]

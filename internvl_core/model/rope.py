@@ -70,7 +70,7 @@ class RotaryEmbedding:
         return 1.0 / (self.base ** self._exponents(device))  # [head_dim / 2]
 
     def _llama3_inv_freq(self, device: torch.device) -> torch.Tensor:
-        # follows transformers' _compute_llama3_parameters (modeling_rope_utils.py)
+        # follows https://github.com/huggingface/transformers/blob/main/src/transformers/modeling_rope_utils.py
         scaling = self.scaling
         inv_freq = self._default_inv_freq(device)  # [head_dim / 2]
         factor = scaling.factor

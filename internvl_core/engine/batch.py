@@ -26,7 +26,7 @@ class SamplingRequest:
     params: SamplingParams
     prompt_token_ids: list[int]
     output_token_ids: list[int]
-    stop_token_ids: tuple[int, ...]
+    eos_token_ids: tuple[int, ...]
 
 
 @dataclass(slots=True)

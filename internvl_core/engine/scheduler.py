@@ -247,16 +247,18 @@ class Scheduler:
 
 def _sampling_request(seq: Sequence) -> SamplingRequest:
     params = seq.request.params
-    # Token histories only travel when a penalty reads them (they can be long).
+    # Token histories only travel when the sampler reads them (they can be long): penalties
+    # read the ids, min_tokens only the output count.
     penalised = (
         params.repetition_penalty != 1.0
         or params.presence_penalty != 0.0
         or params.frequency_penalty != 0.0
     )
+    outputs = penalised or seq.num_output_tokens < params.min_tokens
     return SamplingRequest(
         request_id=seq.request_id,
         params=params,
         prompt_token_ids=seq.request.prompt_token_ids if penalised else [],
-        output_token_ids=seq.output_token_ids if penalised else [],
-        stop_token_ids=seq.request.stop_token_ids,
+        output_token_ids=seq.output_token_ids if outputs else [],
+        eos_token_ids=seq.request.eos_token_ids,
     )

@@ -77,8 +77,8 @@ class Request:
     params: SamplingParams
     image_embeds: torch.Tensor | None = None  # [num_image_tokens, D]
     image_runs: list[ImageRun] = field(default_factory=list)
-    # Ids that end generation (template separator unless ignore_eos, plus params.stop_token_ids).
-    stop_token_ids: tuple[int, ...] = ()
+    # The template separator id(s): the original's only stop ids (params.ignore_eos disables them).
+    eos_token_ids: tuple[int, ...] = ()
     arrival_time: float = 0.0
 
     @classmethod
@@ -91,7 +91,7 @@ class Request:
         image_token_id: int | None = None,
         image_embeds: torch.Tensor | None = None,
         image_hashes: list[str] | None = None,
-        stop_token_ids: tuple[int, ...] = (),
+        eos_token_ids: tuple[int, ...] = (),
     ) -> Request:
         """Check image rows against the `<IMG_CONTEXT>` runs of the prompt; build the request."""
         if not prompt_token_ids:
@@ -123,7 +123,7 @@ class Request:
             params=params,
             image_embeds=image_embeds,
             image_runs=runs,
-            stop_token_ids=stop_token_ids,
+            eos_token_ids=eos_token_ids,
             arrival_time=time.monotonic(),
         )
 

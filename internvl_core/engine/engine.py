@@ -1,0 +1,407 @@
+"""LLMEngine: requests in (prompt ids, image embeddings, SamplingParams), token/text deltas out.
+
+Each `step()` keeps up to `pp_size` scheduled batches in flight through the Pipeline, collects the
+oldest one's sampled tokens, detokenizes them, applies the stop rules and frees finished requests.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from internvl_core.config import EngineConfig, LLMArchitecture, ModelArchitecture, SamplingParams
+from internvl_core.engine.block_manager import BlockManager
+from internvl_core.engine.detokenizer import IncrementalDetokenizer, TokenDecoder
+from internvl_core.engine.model_runner import ModelRunner
+from internvl_core.engine.outputs import CompletedOutput, EngineStats, RequestOutput
+from internvl_core.engine.pipeline import LocalStageWorker, PendingBatch, Pipeline
+from internvl_core.engine.sampler import SamplerOutput
+from internvl_core.engine.scheduler import Scheduler
+from internvl_core.engine.sequence import Request, Sequence, SequenceStatus
+from internvl_core.engine.stop import StopChecker
+from internvl_core.errors import ContextLengthError, EngineOverloadedError, InvalidRequestError
+from internvl_core.model.decoder import DecoderModel
+from internvl_core.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
+# The template separator is the original chat()'s only stop id (spec section 3).
+TEMPLATE_STOP_TOKENS = {
+    "Hermes-2": "<|im_end|>",
+    "internlm2-chat": "<|im_end|>",
+    "phi3-chat": "<|end|>",
+}
+
+
+@dataclass(slots=True)
+class _RequestState:
+    seq: Sequence
+    stop: StopChecker
+    detokenizer: IncrementalDetokenizer | None
+    num_emitted_chars: int = 0
+
+
+def split_layers(num_layers: int, pp_size: int) -> list[tuple[int, int]]:
+    """Even contiguous layer ranges [lo, hi), the first `num_layers % pp_size` one layer longer."""
+    if not 1 <= pp_size <= num_layers:
+        raise InvalidRequestError(
+            f"pp_size is {pp_size}; it must be between 1 and num_hidden_layers ({num_layers})",
+            param="pp_size",
+        )
+    base, extra = divmod(num_layers, pp_size)
+    bounds = [0]
+    for stage in range(pp_size):
+        bounds.append(bounds[-1] + base + (1 if stage < extra else 0))
+    return list(itertools.pairwise(bounds))
+
+
+class LLMEngine:
+    """Continuous-batching engine over a (possibly multi-stage) pipeline; no Ray in here."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        tokenizer: TokenDecoder | None,
+        config: EngineConfig,
+        *,
+        eos_token_ids: tuple[int, ...],
+        image_token_id: int | None,
+        model_arch: LLMArchitecture,
+    ) -> None:
+        """`tokenizer` None: no text (deltas stay empty) and stop strings are refused."""
+        self.pipeline = pipeline
+        self.tokenizer = tokenizer
+        self.config = config
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.image_token_id = image_token_id
+        self.model_arch = model_arch
+        self.max_model_len = min(config.max_model_len, model_arch.max_position_embeddings)
+        if self.max_model_len < config.max_model_len:
+            logger.info("max_model_len capped to max_position_embeddings %d", self.max_model_len)
+        self.num_kv_blocks = pipeline.init_kv_cache(config)
+        self.block_manager = BlockManager(
+            self.num_kv_blocks,
+            config.block_size,
+            enable_prefix_caching=config.enable_prefix_caching,
+        )
+        self.scheduler = Scheduler(config, self.block_manager)
+        self._states: dict[str, _RequestState] = {}
+        self._in_flight: deque[PendingBatch] = deque()
+        self._aborted_outputs: list[RequestOutput] = []
+        self._ids = itertools.count()
+        scaling = model_arch.rope_scaling
+        self._long_rope_threshold = (
+            scaling.original_max_position_embeddings
+            if scaling is not None and scaling.type == "longrope"
+            else None
+        )
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        config: EngineConfig,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        quantization: Literal["8bit", "4bit"] | None = None,
+        eos_token_ids: tuple[int, ...] | None = None,
+    ) -> LLMEngine:
+        """Build `config.pp_size` in-process stages (layers split evenly) from an original folder.
+
+        eos defaults to the template separator id looked up in the checkpoint's tokenizer.
+        """
+        arch = ModelArchitecture.from_checkpoint(path)
+        tokenizer = load_tokenizer(path)
+        stages = []
+        for lo, hi in split_layers(arch.llm.num_hidden_layers, config.pp_size):
+            model = DecoderModel.from_checkpoint(
+                path,
+                start_layer=lo,
+                end_layer=hi,
+                dtype=dtype,
+                device=device,
+                quantization=quantization,
+                arch=arch.llm,
+            )
+            stages.append(LocalStageWorker(ModelRunner(model, block_size=config.block_size)))
+        if eos_token_ids is None:
+            sep_id = tokenizer.token_to_id(TEMPLATE_STOP_TOKENS[arch.template])
+            eos_token_ids = (sep_id,) if sep_id is not None else ()
+        return cls(
+            Pipeline(stages),
+            tokenizer,
+            config,
+            eos_token_ids=eos_token_ids,
+            image_token_id=tokenizer.token_to_id(IMG_CONTEXT_TOKEN),
+            model_arch=arch.llm,
+        )
+
+    # ---- requests -------------------------------------------------------------------------
+    def check_request(
+        self, prompt_token_ids: list[int], params: SamplingParams, *, num_image_rows: int = 0
+    ) -> None:
+        """Refuse what can never run (no state is touched; safe from any thread)."""
+        num_prompt, max_tokens = len(prompt_token_ids), params.max_tokens
+        total = num_prompt + max_tokens
+        if total > self.max_model_len:
+            raise ContextLengthError(
+                f"prompt has {num_prompt} tokens and max_tokens is {max_tokens}: {total} > "
+                f"max_model_len {self.max_model_len}",
+                param="max_tokens",
+            )
+        need = self.block_manager.num_blocks_for(total)
+        if need > self.num_kv_blocks:
+            raise ContextLengthError(
+                f"prompt ({num_prompt} tokens) + max_tokens ({max_tokens}) needs {need} KV blocks "
+                f"of {self.config.block_size} tokens; the KV pool has {self.num_kv_blocks}",
+                param="max_tokens",
+            )
+        if not self.config.enable_chunked_prefill and total > self.config.max_num_batched_tokens:
+            raise ContextLengthError(
+                f"prompt + max_tokens is {total} tokens; without chunked prefill it must fit "
+                f"max_num_batched_tokens {self.config.max_num_batched_tokens}",
+                param="max_tokens",
+            )
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop strings need a tokenizer", param="stop")
+        if num_image_rows and self.image_token_id is None:
+            raise InvalidRequestError("image_embeds given but no <IMG_CONTEXT> id", param="image")
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        image_embeds: torch.Tensor | None = None,
+        image_hashes: list[str] | None = None,
+    ) -> None:
+        """Queue a request. `image_embeds` [num_image_tokens, D]: rows in `<IMG_CONTEXT>` order;
+        `image_hashes`: one content hash per image run (for prefix caching)."""
+        if request_id in self._states:
+            raise InvalidRequestError(f"request_id {request_id!r} is already in use", param="id")
+        if self.scheduler.num_waiting >= self.config.max_waiting_requests:
+            raise EngineOverloadedError(
+                f"{self.scheduler.num_waiting} requests are waiting; max_waiting_requests is "
+                f"{self.config.max_waiting_requests}"
+            )
+        rows = 0 if image_embeds is None else image_embeds.shape[0]
+        self.check_request(prompt_token_ids, params, num_image_rows=rows)
+        if image_embeds is not None and image_embeds.shape[-1] != self.model_arch.hidden_size:
+            raise InvalidRequestError(
+                f"image_embeds width is {image_embeds.shape[-1]}; the LLM hidden size is "
+                f"{self.model_arch.hidden_size}",
+                param="image_embeds",
+            )
+        request = Request.create(
+            request_id,
+            prompt_token_ids,
+            params,
+            image_token_id=self.image_token_id,
+            image_embeds=image_embeds,
+            image_hashes=image_hashes,
+            eos_token_ids=self.eos_token_ids,
+        )
+        seq = Sequence(request, self.config.block_size, hash_salt=self._hash_salt(request))
+        detokenizer = None
+        if self.tokenizer is not None:
+            detokenizer = IncrementalDetokenizer(
+                self.tokenizer,
+                request.prompt_token_ids,
+                skip_special_tokens=params.skip_special_tokens,
+            )
+        stop = StopChecker(params, eos_token_ids=self.eos_token_ids)
+        self._states[request_id] = _RequestState(seq, stop, detokenizer)
+        self.scheduler.add(seq)
+
+    def _hash_salt(self, request: Request) -> str:
+        """Phi-3 longrope: a prompt past the switch length gives every token different K/V."""
+        threshold = self._long_rope_threshold
+        if threshold is not None and len(request.prompt_token_ids) > threshold:
+            return "longrope"
+        return ""
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now: its blocks are freed at once; the next step reports "abort"."""
+        self._finish_early(request_id, SequenceStatus.FINISHED_ABORTED)
+
+    def fail(self, request_id: str) -> None:
+        """End a request with finish reason "error" (e.g. its consumer raised)."""
+        self._finish_early(request_id, SequenceStatus.FINISHED_ERROR)
+
+    def _finish_early(self, request_id: str, status: SequenceStatus) -> None:
+        state = self._states.pop(request_id, None)
+        if state is None:
+            return
+        seq = state.seq
+        self.scheduler.finish(seq, status)
+        self._aborted_outputs.append(self._output(state, [], "", None, reason=status.value))
+
+    def has_unfinished(self) -> bool:
+        return bool(self._states or self._aborted_outputs or self._in_flight)
+
+    # ---- the loop -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule until `pp_size` batches are in flight, then finish the oldest one."""
+        outputs, self._aborted_outputs = self._aborted_outputs, []
+        while len(self._in_flight) < self.pipeline.pp_size:
+            batch = self.scheduler.schedule()
+            if batch is None:
+                break
+            self._in_flight.append(self.pipeline.submit(batch))
+        if self._in_flight:
+            pending = self._in_flight.popleft()
+            sampled = self.pipeline.fetch(pending)
+            outputs.extend(self._process(pending, sampled))
+        return outputs
+
+    def _process(self, pending: PendingBatch, sampled: SamplerOutput) -> list[RequestOutput]:
+        rows = {req.request_id: i for i, req in enumerate(pending.batch.sampling)}
+        outputs: list[RequestOutput] = []
+        for seq in self.scheduler.update(pending.batch.batch_id, sampled.token_ids):
+            state = self._states[seq.request_id]
+            row = rows[seq.request_id]
+            token = seq.token_ids[-1]
+            params = seq.request.params
+            logprobs = [sampled.logprobs[row]] if params.logprobs and sampled.logprobs else None
+            top = None
+            if params.top_logprobs and sampled.top_logprobs is not None:
+                top = [sampled.top_logprobs[row]]
+            outputs.append(self._advance(state, token, logprobs, top))
+        return outputs
+
+    def _advance(
+        self,
+        state: _RequestState,
+        token: int,
+        logprobs: list[float] | None,
+        top: list[list[tuple[int, float]]] | None,
+    ) -> RequestOutput:
+        """Detokenize one new token, apply stop rules, emit the safe text delta."""
+        seq, detok = state.seq, state.detokenizer
+        if detok is not None:
+            detok.append(token)
+        text = detok.text if detok is not None else ""
+        decision = state.stop.check(seq.output_token_ids, text)
+        if decision is None:
+            visible = state.stop.safe_text_len(text) if detok is not None else 0
+            delta = text[state.num_emitted_chars : visible]
+            state.num_emitted_chars = max(state.num_emitted_chars, visible)
+            return self._output(state, [token], delta, (logprobs, top))
+        if detok is not None and decision.truncate_text_to is None:
+            detok.flush()  # the sequence ends: release a held incomplete character
+            text = detok.text
+        end = decision.truncate_text_to if decision.truncate_text_to is not None else len(text)
+        delta = text[state.num_emitted_chars : end]
+        self.scheduler.finish(seq, SequenceStatus.from_finish_reason(decision.finish_reason))
+        del self._states[seq.request_id]
+        return self._output(
+            state, [token], delta, (logprobs, top), reason=decision.finish_reason,
+            stop_reason=decision.stop_reason,
+        )  # fmt: skip
+
+    def _output(
+        self,
+        state: _RequestState,
+        token_ids: list[int],
+        delta: str,
+        logprobs: tuple[list[float] | None, list[list[tuple[int, float]]] | None] | None,
+        *,
+        reason: str | None = None,
+        stop_reason: int | str | None = None,
+    ) -> RequestOutput:
+        seq = state.seq
+        return RequestOutput(
+            request_id=seq.request_id,
+            text_delta=delta,
+            token_ids=token_ids,
+            logprobs=logprobs[0] if logprobs else None,
+            top_logprobs=logprobs[1] if logprobs else None,
+            finished=reason is not None,
+            finish_reason=reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=seq.num_output_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+            stop_reason=stop_reason,
+        )
+
+    # ---- offline convenience ----------------------------------------------------------------
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams | list[SamplingParams],
+        *,
+        image_embeds: list[torch.Tensor | None] | None = None,
+        image_hashes: list[list[str] | None] | None = None,
+    ) -> list[CompletedOutput]:
+        """Run `prompts` to completion together; results in input order.
+
+        Steps the engine until these requests finish; outputs of other requests added through
+        `add_request` meanwhile are not returned here.
+        """
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        embeds = image_embeds or [None] * len(prompts)
+        hashes = image_hashes or [None] * len(prompts)
+        if not len(params_list) == len(embeds) == len(hashes) == len(prompts):
+            raise InvalidRequestError("params, image_embeds and prompts differ in length")
+        ids = [f"generate-{next(self._ids)}" for _ in prompts]
+        results = {rid: _Collector() for rid in ids}
+        for rid, prompt, p, emb, h in zip(ids, prompts, params_list, embeds, hashes, strict=True):
+            self.add_request(rid, prompt, p, image_embeds=emb, image_hashes=h)
+        pending = set(ids)
+        while pending:
+            for out in self.step():
+                collector = results.get(out.request_id)
+                if collector is not None:
+                    collector.add(out)
+                    if out.finished:
+                        pending.discard(out.request_id)
+        return [results[rid].complete(rid) for rid in ids]
+
+    @property
+    def stats(self) -> EngineStats:
+        manager = self.block_manager
+        return EngineStats(
+            num_waiting=self.scheduler.num_waiting,
+            num_running=self.scheduler.num_running,
+            num_in_flight_batches=len(self._in_flight),
+            kv_blocks_total=manager.num_blocks,
+            kv_blocks_free=manager.num_free_blocks,
+            kv_block_size=manager.block_size,
+            prefix_cache_hit_rate=manager.prefix_cache_hit_rate,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+
+class _Collector:
+    """Accumulates one request's step outputs into a CompletedOutput."""
+
+    def __init__(self) -> None:
+        self.outputs: list[RequestOutput] = []
+
+    def add(self, out: RequestOutput) -> None:
+        self.outputs.append(out)
+
+    def complete(self, request_id: str) -> CompletedOutput:
+        last = self.outputs[-1]
+        logprobs = [lp for o in self.outputs for lp in (o.logprobs or [])]
+        top = [t for o in self.outputs for t in (o.top_logprobs or [])]
+        return CompletedOutput(
+            request_id=request_id,
+            token_ids=[t for o in self.outputs for t in o.token_ids],
+            text="".join(o.text_delta for o in self.outputs),
+            finish_reason=last.finish_reason,
+            num_prompt_tokens=last.num_prompt_tokens,
+            num_cached_tokens=last.num_cached_tokens,
+            logprobs=logprobs or None,
+            top_logprobs=top or None,
+            stop_reason=last.stop_reason,
+        )

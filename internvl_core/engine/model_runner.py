@@ -1,0 +1,154 @@
+"""One pipeline stage: ScheduledBatch (+ the previous stage's hidden states) -> StageOutput.
+
+Stage 0 embeds tokens and splices image embeddings at `<IMG_CONTEXT>` rows; every stage builds
+the AttentionMetadata on its own device and runs its layers; the last stage applies the head and
+samples.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from internvl_core.config import EngineConfig
+from internvl_core.engine.batch import ModelInput, ScheduledBatch, StageOutput
+from internvl_core.engine.kv_cache import (
+    KVCache,
+    activation_reserve_bytes,
+    kv_block_bytes,
+    plan_num_blocks,
+)
+from internvl_core.engine.sampler import Sampler, SamplerOutput, SamplingBatch, make_generator
+from internvl_core.model.attention_metadata import AttentionMetadata
+from internvl_core.model.decoder import DecoderModel
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    """Owns a DecoderModel (layers [lo, hi)), its KV block pool and, on the last stage, the
+    sampler with each request's seeded generator (kept here so remote stages keep RNG state)."""
+
+    def __init__(
+        self, model: DecoderModel, *, block_size: int, sampler: Sampler | None = None
+    ) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.device = model.device
+        self.kv_cache: KVCache | None = None
+        self.sampler = (sampler or Sampler()) if model.is_last_stage else None
+        self._generators: dict[str, torch.Generator | None] = {}
+        scaling = model.arch.rope_scaling
+        self._long_rope_threshold: int | None = None
+        if scaling is not None and scaling.type == "longrope":
+            self._long_rope_threshold = scaling.original_max_position_embeddings
+
+    # ---- KV memory ------------------------------------------------------------------------
+    def kv_block_bytes(self) -> int:
+        return kv_block_bytes(
+            self.model.arch, self.model.num_layers, self.block_size, self.model.dtype
+        )
+
+    def plan_kv_blocks(self, config: EngineConfig) -> int:
+        """How many blocks this stage can hold under `config`'s budget."""
+        reserve = activation_reserve_bytes(self.model.arch, config, self.model.dtype)
+        return plan_num_blocks(
+            config, block_bytes=self.kv_block_bytes(), device=self.device, reserve_bytes=reserve
+        )
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        """Allocate the pool; every stage gets the same count (block tables are shared)."""
+        tensors = self.model.allocate_kv_caches(num_blocks, self.block_size)
+        self.kv_cache = KVCache(tensors, num_blocks, self.block_size)
+
+    # ---- one step -------------------------------------------------------------------------
+    def prepare_input(self, batch: ScheduledBatch) -> ModelInput:
+        """Index tensors of one step, built with a handful of vectorised ops (no per-token loop)."""
+        num_seqs, block_size = batch.num_seqs, batch.block_size
+        query_lens = torch.tensor(batch.query_lens, dtype=torch.long)  # [S]
+        context = torch.tensor(batch.context_lens, dtype=torch.long)  # [S]
+        ends = query_lens.cumsum(0)  # [S]
+        if batch.is_decode_only:
+            seq_index = torch.arange(num_seqs)  # [T]
+            positions = context  # [T]
+        else:
+            seq_index = torch.repeat_interleave(torch.arange(num_seqs), query_lens)  # [T]
+            rows = torch.arange(batch.num_tokens)  # [T]
+            positions = rows - (ends - query_lens)[seq_index] + context[seq_index]  # [T]
+        width = max(len(t) for t in batch.block_tables)
+        tables = torch.tensor(
+            [t + [0] * (width - len(t)) for t in batch.block_tables], dtype=torch.long
+        )  # [S, max_num_blocks]
+        slots = tables[seq_index, positions // block_size] * block_size + positions % block_size
+        long_mask = None
+        if self._long_rope_threshold is not None:
+            # Per token, the original's reference length: the whole prompt while prefilling (it
+            # prefills in one forward), position + 1 while decoding.
+            prompt_lens = torch.tensor(batch.prompt_lens, dtype=torch.long)[seq_index]  # [T]
+            reference = torch.maximum(prompt_lens, positions + 1)  # [T]
+            long_mask = (reference > self._long_rope_threshold).to(self.device)  # [T]
+        flags = torch.tensor(batch.sample_flags, dtype=torch.bool)  # [S]
+        sample_indices = (ends - 1)[flags]  # [num_samples]
+        device = self.device
+        attn = AttentionMetadata(
+            slot_mapping=slots.to(device),
+            block_tables=tables.to(device),
+            query_lens=batch.query_lens,
+            seq_lens=[c + q for c, q in zip(batch.context_lens, batch.query_lens, strict=True)],
+            block_size=block_size,
+            long_rope_mask=long_mask,
+        )
+        return ModelInput(
+            input_ids=torch.tensor(batch.input_token_ids, dtype=torch.long, device=device),
+            positions=positions.to(device),
+            attn=attn,
+            sample_indices=sample_indices.to(device),
+        )
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch, hidden: torch.Tensor | None = None) -> StageOutput:
+        """Run this stage on `batch`; `hidden` [num_tokens, D] comes from the previous stage."""
+        assert self.kv_cache is not None, "init_kv_cache() first"
+        model = self.model
+        for request_id in batch.finished_request_ids:
+            self._generators.pop(request_id, None)
+        inputs = self.prepare_input(batch)
+        if model.is_first_stage:
+            hidden = self._embed(batch, inputs)  # [T, D]
+        else:
+            assert hidden is not None, "a later stage needs the previous stage's hidden states"
+            hidden = hidden.to(self.device)  # [T, D]
+        hidden = model(hidden, inputs.positions, self.kv_cache.tensors, inputs.attn)  # [T, D]
+        if not model.is_last_stage:
+            return StageOutput(batch.batch_id, hidden_states=hidden)
+        return StageOutput(batch.batch_id, sampled=self._sample(batch, hidden, inputs))
+
+    def _embed(self, batch: ScheduledBatch, inputs: ModelInput) -> torch.Tensor:
+        hidden = self.model.embed_tokens(inputs.input_ids)  # [T, D]
+        if batch.image_embeds is not None:
+            rows = torch.tensor(batch.image_token_indices, dtype=torch.long, device=self.device)
+            image = batch.image_embeds.to(device=self.device, dtype=hidden.dtype)  # [rows, D]
+            hidden[rows] = image
+        return hidden
+
+    def _sample(
+        self, batch: ScheduledBatch, hidden: torch.Tensor, inputs: ModelInput
+    ) -> SamplerOutput:
+        assert self.sampler is not None
+        if not batch.sampling:
+            return SamplerOutput(token_ids=[])
+        logits = self.model.compute_logits(hidden[inputs.sample_indices])  # [num_samples, V]
+        generators = []
+        for req in batch.sampling:
+            if req.request_id not in self._generators:
+                self._generators[req.request_id] = make_generator(req.params.seed, self.device)
+            generators.append(self._generators[req.request_id])
+        sampling = SamplingBatch(
+            params=[r.params for r in batch.sampling],
+            generators=generators,
+            prompt_token_ids=[r.prompt_token_ids for r in batch.sampling],
+            output_token_ids=[r.output_token_ids for r in batch.sampling],
+            stop_token_ids=[r.eos_token_ids for r in batch.sampling],
+        )
+        return self.sampler(logits, sampling)

@@ -1,0 +1,59 @@
+"""What the engine hands back: per-step `RequestOutput`, whole-request `CompletedOutput`, stats.
+
+Plain slotted dataclasses; the Serve LLM deployment turns them into OpenAI chunks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """One request's progress in one engine step."""
+
+    request_id: str
+    text_delta: str  # complete UTF-8 text new this step (held back near a possible stop string)
+    token_ids: list[int]  # tokens new this step (the stop token included, as the original)
+    logprobs: list[float] | None  # per new token, if params.logprobs
+    top_logprobs: list[list[tuple[int, float]]] | None  # per new token, if params.top_logprobs
+    finished: bool
+    finish_reason: str | None  # "stop", "length", "abort", "error"
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int  # prompt tokens served from the prefix cache
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+
+
+@dataclass(slots=True)
+class CompletedOutput:
+    """A finished request, as `LLMEngine.generate` returns it."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """Queue depths and KV pool occupancy of one replica."""
+
+    num_waiting: int
+    num_running: int
+    num_in_flight_batches: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    kv_block_size: int
+    prefix_cache_hit_rate: float
+    num_preemptions: int
+
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of KV blocks in use."""
+        return 1.0 - self.kv_blocks_free / self.kv_blocks_total if self.kv_blocks_total else 0.0

@@ -1,0 +1,98 @@
+"""Pipeline of stage workers: a ScheduledBatch goes through stage 0 .. N-1; sampled tokens come out.
+
+`StageWorker` is the small protocol between the engine and a stage: `LocalStageWorker` runs a
+ModelRunner in process; a Ray actor stage (deployments/) implements the same four methods.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from internvl_core.config import EngineConfig
+from internvl_core.engine.batch import ScheduledBatch, StageOutput
+from internvl_core.engine.model_runner import ModelRunner
+from internvl_core.engine.sampler import SamplerOutput
+
+logger = logging.getLogger(__name__)
+
+
+class StageWorker(Protocol):
+    """One pipeline stage as the engine sees it.
+
+    `submit` starts the stage on a batch and returns an opaque handle to its output; the next
+    stage's `submit` receives that handle as `prev` (a Ray stage passes an ObjectRef through, so
+    hidden states move stage to stage without visiting the engine). A stage must run batches in
+    submission order. `fetch` blocks for the StageOutput behind a handle of the last stage.
+    """
+
+    def plan_kv_blocks(self, config: EngineConfig) -> int: ...
+
+    def init_kv_cache(self, num_blocks: int) -> None: ...
+
+    def submit(self, batch: ScheduledBatch, prev: Any) -> Any: ...
+
+    def fetch(self, handle: Any) -> StageOutput: ...
+
+
+class LocalStageWorker:
+    """In-process stage: runs synchronously at submit; the handle is the StageOutput itself."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+
+    def plan_kv_blocks(self, config: EngineConfig) -> int:
+        return self.runner.plan_kv_blocks(config)
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        self.runner.init_kv_cache(num_blocks)
+
+    def submit(self, batch: ScheduledBatch, prev: StageOutput | None) -> StageOutput:
+        hidden = prev.hidden_states if prev is not None else None
+        return self.runner.execute(batch, hidden)
+
+    def fetch(self, handle: StageOutput) -> StageOutput:
+        return handle
+
+
+@dataclass(slots=True)
+class PendingBatch:
+    """A batch in flight through the pipeline."""
+
+    batch: ScheduledBatch
+    handle: Any
+
+
+class Pipeline:
+    """Chains stages; the engine keeps up to `pp_size` batches in flight through it."""
+
+    def __init__(self, stages: Sequence[StageWorker]) -> None:
+        assert stages, "a pipeline needs at least one stage"
+        self.stages = list(stages)
+
+    @property
+    def pp_size(self) -> int:
+        return len(self.stages)
+
+    def init_kv_cache(self, config: EngineConfig) -> int:
+        """Size every stage's pool to the smallest stage's capacity (block tables are shared)."""
+        num_blocks = min(stage.plan_kv_blocks(config) for stage in self.stages)
+        for stage in self.stages:
+            stage.init_kv_cache(num_blocks)
+        logger.info("pipeline of %d stage(s): %d KV blocks each", self.pp_size, num_blocks)
+        return num_blocks
+
+    def submit(self, batch: ScheduledBatch) -> PendingBatch:
+        handle: Any = None
+        for stage in self.stages:
+            handle = stage.submit(batch, handle)
+        return PendingBatch(batch, handle)
+
+    def fetch(self, pending: PendingBatch) -> SamplerOutput:
+        """Block until the batch leaves the last stage; returns its sampled tokens."""
+        output = self.stages[-1].fetch(pending.handle)
+        assert output.batch_id == pending.batch.batch_id, "stages must keep submission order"
+        assert output.sampled is not None, "the last stage samples"
+        return output.sampled

@@ -1,0 +1,204 @@
+"""LLMEngine exactness: continuous batching, chunked prefill, preemption, prefix hits, images and
+pipeline stages all give the greedy tokens of decoding each request alone; plus API behaviour."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from internvl_core.config import EngineConfig, SamplingParams
+from internvl_core.engine.engine import LLMEngine
+from internvl_core.errors import ContextLengthError, InvalidRequestError
+
+FAMILIES = ["qwen2", "internlm2", "phi3", "llama"]
+BLOCK = 4
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    params: list[SamplingParams]
+    images: list[torch.Tensor | None]
+
+
+def _engine(path: Path, **config: Any) -> LLMEngine:
+    return LLMEngine.from_checkpoint(path, EngineConfig(block_size=BLOCK, **config))
+
+
+def _alone(path: Path) -> LLMEngine:
+    """The reference: one request at a time, whole prompts, plenty of blocks, no caching."""
+    return _engine(
+        path,
+        max_num_seqs=1,
+        enable_chunked_prefill=False,
+        enable_prefix_caching=False,
+        max_num_batched_tokens=512,
+        num_kv_blocks=256,
+    )
+
+
+def _workload(engine: LLMEngine, num_requests: int, *, seed: int = 0) -> Workload:
+    """Mixed lengths; a shared system prefix (prefix hits); some requests carry images, two of
+    them the same image after the same prefix, the others distinct ones."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    image_id = engine.image_token_id
+    assert image_id is not None
+    vocab = [t for t in range(3, 380) if t != image_id]
+    system = [rng.choice(vocab) for _ in range(10)]
+    width = engine.model_arch.hidden_size
+    shared_image = torch.randn(8, width, generator=gen)  # [image tokens, D]
+    prompts, params, images = [], [], []
+    for i in range(num_requests):
+        text = [rng.choice(vocab) for _ in range(rng.randint(1, 40))]
+        image = None
+        if i % 3 == 1:
+            image = shared_image if i % 2 else torch.randn(8, width, generator=gen)  # [8, D]
+            prompts.append([*system, image_id, *[image_id] * 7, *text])
+        else:
+            prompts.append([*system, *text] if i % 2 else text)
+        images.append(image)
+        params.append(SamplingParams(max_tokens=rng.randint(2, 16), ignore_eos=i % 4 == 0))
+    return Workload(prompts, params, images)
+
+
+def _tokens(engine: LLMEngine, work: Workload) -> list[list[int]]:
+    done = engine.generate(work.prompts, work.params, image_embeds=work.images)
+    return [out.token_ids for out in done]
+
+
+def _assert_drained(engine: LLMEngine) -> None:
+    assert not engine.has_unfinished()
+    stats = engine.stats
+    assert stats.kv_blocks_free == stats.kv_blocks_total, "leaked KV blocks"
+    assert stats.num_waiting == stats.num_running == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_equals_alone(tiny_checkpoint: Any, family: str) -> None:
+    path = tiny_checkpoint(family)
+    ref_engine = _alone(path)
+    work = _workload(ref_engine, 18)
+    expected = _tokens(ref_engine, work)
+    engine = _engine(path, max_num_seqs=12, max_num_batched_tokens=24, num_kv_blocks=40)
+    got = _tokens(engine, work)
+    assert got == expected
+    stats = engine.stats
+    assert stats.num_preemptions > 0, "the KV budget should force preemption"
+    assert stats.prefix_cache_hit_rate > 0, "the shared prefix should hit the cache"
+    _assert_drained(engine)
+    # Run the same workload again: now most prompts are cached, results unchanged.
+    assert _tokens(engine, work) == expected
+    _assert_drained(engine)
+
+
+@pytest.mark.parametrize("pp_size", [2, 3])
+def test_pipeline_parallel_equals_pp1(tiny_checkpoint: Any, pp_size: int) -> None:
+    path = tiny_checkpoint("qwen2", num_llm_layers=3)
+    config = {"max_num_seqs": 8, "max_num_batched_tokens": 32, "num_kv_blocks": 48}
+    pp1 = _engine(path, **config)
+    work = _workload(pp1, 16, seed=1)
+    expected = _tokens(pp1, work)
+    engine = _engine(path, pp_size=pp_size, **config)
+    assert engine.pipeline.pp_size == pp_size
+    assert _tokens(engine, work) == expected
+    _assert_drained(engine)
+
+
+def test_seeded_sampling_ignores_batch_composition(tiny_qwen2: Path) -> None:
+    ref_engine = _alone(tiny_qwen2)
+    work = _workload(ref_engine, 12, seed=2)
+    sampled = [i for i in range(12) if i % 2 == 0]
+    for i in sampled:
+        work.params[i] = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=100 + i)
+    alone = _tokens(ref_engine, work)
+    batched = _tokens(_engine(tiny_qwen2, max_num_batched_tokens=16, num_kv_blocks=40), work)
+    assert batched == alone
+    # Another composition: only the seeded requests, in reverse order.
+    sub = Workload(
+        [work.prompts[i] for i in reversed(sampled)],
+        [work.params[i] for i in reversed(sampled)],
+        [work.images[i] for i in reversed(sampled)],
+    )
+    assert _tokens(_engine(tiny_qwen2, num_kv_blocks=64), sub) == [
+        alone[i] for i in reversed(sampled)
+    ]
+
+
+def test_streaming_outputs_and_stop_rules(tiny_qwen2: Path) -> None:
+    engine = _engine(tiny_qwen2, num_kv_blocks=64)
+    prompt = list(range(10, 30))
+    probe = engine.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True))[0]
+    assert len(probe.token_ids) == 8 and probe.finish_reason == "length"
+    # Make the 3rd generated token a stop id: generation ends there, the token included.
+    stop_id = probe.token_ids[2]
+    params = SamplingParams(max_tokens=8, stop_token_ids=(stop_id,), logprobs=True, top_logprobs=2)
+    engine.add_request("a", prompt, params)
+    outs = []
+    while engine.has_unfinished():
+        outs.extend(engine.step())
+    tokens = [t for o in outs for t in o.token_ids]
+    assert tokens == probe.token_ids[: probe.token_ids.index(stop_id) + 1]
+    assert outs[-1].finished and outs[-1].finish_reason == "stop"
+    assert outs[-1].stop_reason == stop_id
+    assert all(o.logprobs is not None and len(o.logprobs) == 1 for o in outs)
+    assert all(o.top_logprobs is not None and len(o.top_logprobs[0]) == 2 for o in outs)
+    assert [o.num_output_tokens for o in outs] == list(range(1, len(outs) + 1))
+    assert outs[0].num_prompt_tokens == 20
+    # The text deltas concatenate to the decode of the output ids (special tokens skipped).
+    assert engine.tokenizer is not None
+    text = "".join(o.text_delta for o in outs)
+    assert text == engine.tokenizer.decode(tokens, skip_special_tokens=True)
+    _assert_drained(engine)
+
+
+def test_eos_is_the_template_separator(tiny_qwen2: Path) -> None:
+    engine = _engine(tiny_qwen2, num_kv_blocks=32)
+    assert engine.tokenizer is not None
+    assert engine.eos_token_ids == (engine.tokenizer.token_to_id("<|im_end|>"),)
+    assert engine.image_token_id == engine.tokenizer.token_to_id("<IMG_CONTEXT>")
+
+
+def test_refuses_what_can_never_fit(tiny_qwen2: Path) -> None:
+    engine = _engine(tiny_qwen2, num_kv_blocks=8, max_model_len=64)
+    with pytest.raises(
+        ContextLengthError, match=r"60 tokens and max_tokens is 10: 70 > max_model_len 64"
+    ):
+        engine.add_request("a", [1] * 60, SamplingParams(max_tokens=10))
+    with pytest.raises(
+        ContextLengthError, match="needs 9 KV blocks of 4 tokens; the KV pool has 8"
+    ):
+        engine.add_request("b", [1] * 30, SamplingParams(max_tokens=4))
+    with pytest.raises(InvalidRequestError, match="image_embeds width is 3"):
+        ids = [engine.image_token_id or 0] * 2
+        engine.add_request("c", ids, SamplingParams(max_tokens=2), image_embeds=torch.zeros(2, 3))
+    engine.add_request("d", [1, 2], SamplingParams(max_tokens=2))
+    with pytest.raises(InvalidRequestError, match="'d' is already in use"):
+        engine.add_request("d", [1, 2], SamplingParams(max_tokens=2))
+    engine.abort("d")
+    (out,) = engine.step()
+    assert out.finished and out.finish_reason == "abort"
+    _assert_drained(engine)
+
+
+def test_abort_frees_blocks_at_once(tiny_qwen2: Path) -> None:
+    engine = _engine(tiny_qwen2, num_kv_blocks=32)
+    engine.add_request("a", list(range(5, 25)), SamplingParams(max_tokens=30, ignore_eos=True))
+    engine.add_request("b", list(range(5, 15)), SamplingParams(max_tokens=3, ignore_eos=True))
+    engine.step()
+    engine.step()
+    assert engine.stats.kv_blocks_free < 32
+    engine.abort("a")
+    free_after_abort = engine.stats.kv_blocks_free
+    engine.abort("unknown")  # no-op
+    outs = []
+    while engine.has_unfinished():
+        outs.extend(engine.step())
+    assert {o.request_id for o in outs if o.finished} == {"a", "b"}
+    assert free_after_abort > 32 - 8
+    _assert_drained(engine)

@@ -11,7 +11,10 @@ import asyncio
 import hashlib
 import io
 import logging
+import math
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -40,6 +43,7 @@ from internvl_core.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 ALLOWED_IMAGE_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
+MAX_BOUND_S = 100_000.0
 
 
 @dataclass(slots=True)
@@ -67,6 +71,21 @@ class PreparedRequest:
     @property
     def num_tiles(self) -> int:
         return sum(image.num_tiles for image in self.images)
+
+
+async def _gather_or_cancel(
+    coros: list[Coroutine[Any, Any, list[PreparedImage]]],
+) -> list[list[PreparedImage]]:
+    """gather(), but the first failure cancels the other media loads instead of leaving them
+    running (fetching, holding connections) after the request was already refused."""
+    tasks = [asyncio.ensure_future(coro) for coro in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def content_hash(data: bytes | np.ndarray) -> str:
@@ -97,14 +116,8 @@ class RequestPreparer:
 
     async def prepare(self, request: ChatCompletionRequest, request_id: str) -> PreparedRequest:
         plan = plan_conversation(request.messages, max_dynamic_patch=request.max_dynamic_patch)
-        num_pictures = sum(item.num_placeholders for item in plan.media)
-        if num_pictures > self.limits.max_images_per_request:
-            raise InvalidRequestError(
-                f"request has {num_pictures} images and video frames; "
-                f"max_images_per_request is {self.limits.max_images_per_request}",
-                param="messages",
-            )
-        groups = await asyncio.gather(*(self._load_media(item) for item in plan.media))
+        self._check_media(plan.media)
+        groups = await _gather_or_cancel([self._load_media(item) for item in plan.media])
         images = [image for group in groups for image in group]
         num_tiles = sum(image.num_tiles for image in images)
         if num_tiles > self.limits.max_tiles_per_request:
@@ -131,6 +144,34 @@ class RequestPreparer:
             images=images,
             num_image_tokens=num_tiles * self.arch.num_image_token,
         )
+
+    def _check_media(self, media: list[MediaItem]) -> None:
+        """Counts and video fields that need no bytes: refused before any fetch starts."""
+        num_pictures = sum(item.num_placeholders for item in media)
+        if num_pictures > self.limits.max_images_per_request:
+            raise InvalidRequestError(
+                f"request has {num_pictures} images and video frames; "
+                f"max_images_per_request is {self.limits.max_images_per_request}",
+                param="messages",
+            )
+        for item in media:
+            if item.kind != "video":
+                continue
+            if item.num_segments > self.limits.max_num_segments:
+                raise InvalidRequestError(
+                    f"num_segments is {item.num_segments}; max_num_segments is "
+                    f"{self.limits.max_num_segments}",
+                    param="num_segments",
+                )
+            # NaN/inf (valid JSON for pydantic) would crash frame indexing; the original's own
+            # "whole video" bound is +-100000 s, so nothing beyond it selects other frames.
+            if item.bound is not None and not all(
+                math.isfinite(t) and abs(t) <= MAX_BOUND_S for t in item.bound
+            ):
+                raise InvalidRequestError(
+                    f"video bound {item.bound} must hold finite seconds within +-{MAX_BOUND_S}",
+                    param="bound",
+                )
 
     def _fit_sampling(
         self, request: ChatCompletionRequest, prompt_len: int, num_tiles: int
@@ -166,6 +207,13 @@ class RequestPreparer:
     def _decode_image(self, data: bytes, tiling: TilingConfig) -> PreparedImage:
         try:
             header = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as e:
+            # PIL's own guard refuses huge headers (e.g. 30000x30000) inside open().
+            raise PayloadTooLargeError(
+                f"image is over the decoder's pixel limit ({e}); max_image_pixels is "
+                f"{self.limits.max_image_pixels}",
+                param="image_url",
+            ) from e
         except Exception as e:  # PIL raises many types for garbage input
             raise MediaError(f"image could not be decoded: {type(e).__name__}: {e}") from e
         if header.format not in ALLOWED_IMAGE_FORMATS:
@@ -183,12 +231,6 @@ class RequestPreparer:
         return PreparedImage(pixels, content_hash(data) + f":{tiling.max_num}")
 
     def _decode_video(self, data: bytes, item: MediaItem) -> list[PreparedImage]:
-        if item.num_segments > self.limits.max_num_segments:
-            raise InvalidRequestError(
-                f"num_segments is {item.num_segments}; max_num_segments is "
-                f"{self.limits.max_num_segments}",
-                param="num_segments",
-            )
         info = video_info(data)
         if info.duration_s > self.limits.max_video_duration_s:
             raise PayloadTooLargeError(

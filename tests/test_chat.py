@@ -168,3 +168,12 @@ def test_sampling_from_generation_config() -> None:
     assert greedy.greedy and greedy.max_tokens == 7
     sampled = sampling_from_generation_config({"do_sample": True, "temperature": 0.5})
     assert (sampled.temperature, sampled.top_k, sampled.top_p) == (0.5, 50, 1.0)
+
+
+@pytest.mark.parametrize("kwargs", [{"load_in_8bit": True}, {"load_in_4bit": True}, {}])
+def test_quantized_and_bf16_loads_chat(tiny_qwen2: Path, kwargs: dict) -> None:
+    dtype = "float32" if kwargs else "bfloat16"
+    model = InternVLChat.from_pretrained(tiny_qwen2, dtype=dtype, **kwargs)
+    pixels = model.load_image(_image(90, 90, 7), max_num=2)
+    response = model.chat(pixels, "Describe.", {"max_new_tokens": 8, "do_sample": False})
+    assert isinstance(response, str)

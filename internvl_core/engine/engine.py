@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -20,7 +21,7 @@ from internvl_core.engine.block_manager import BlockManager
 from internvl_core.engine.detokenizer import IncrementalDetokenizer, TokenDecoder
 from internvl_core.engine.model_runner import ModelRunner
 from internvl_core.engine.outputs import CompletedOutput, EngineStats, RequestOutput
-from internvl_core.engine.pipeline import LocalStageWorker, PendingBatch, Pipeline
+from internvl_core.engine.pipeline import LocalStageWorker, PendingBatch, Pipeline, StageWorker
 from internvl_core.engine.sampler import SamplerOutput
 from internvl_core.engine.scheduler import Scheduler
 from internvl_core.engine.sequence import Request, Sequence, SequenceStatus
@@ -113,15 +114,21 @@ class LLMEngine:
         device: torch.device | str = "cpu",
         quantization: Literal["8bit", "4bit"] | None = None,
         eos_token_ids: tuple[int, ...] | None = None,
+        stage_factory: Callable[[int, int, int], StageWorker] | None = None,
     ) -> LLMEngine:
-        """Build `config.pp_size` in-process stages (layers split evenly) from an original folder.
+        """Build `config.pp_size` stages (layers split evenly) from an original folder.
 
+        Stages are in-process unless `stage_factory(stage_index, start_layer, end_layer)` builds
+        them (the Serve LLM replica passes one that creates Ray actors on its bundles).
         eos defaults to the template separator id looked up in the checkpoint's tokenizer.
         """
         arch = ModelArchitecture.from_checkpoint(path)
         tokenizer = load_tokenizer(path)
-        stages = []
-        for lo, hi in split_layers(arch.llm.num_hidden_layers, config.pp_size):
+        stages: list[StageWorker] = []
+        for index, (lo, hi) in enumerate(split_layers(arch.llm.num_hidden_layers, config.pp_size)):
+            if stage_factory is not None:
+                stages.append(stage_factory(index, lo, hi))
+                continue
             model = DecoderModel.from_checkpoint(
                 path,
                 start_layer=lo,

@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+import torch
+
 from internvl_core.grounding import parse_boxes
 from internvl_core.protocol import (
     AssistantMessage,
@@ -113,3 +116,25 @@ class ChoiceAccumulator:
         return Usage(
             prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
         )
+
+
+@dataclass(slots=True)
+class EmbeddingPayload:
+    """Image embeddings on the wire: numpy has no bfloat16, so bf16 travels as its int16 bits
+    (zero-copy through the object store) and is viewed back on arrival."""
+
+    data: Any  # np.ndarray [num_image_tokens, D_llm]
+    dtype: str
+
+    @classmethod
+    def from_tensor(cls, rows: torch.Tensor) -> EmbeddingPayload:
+        rows = rows.detach().cpu().contiguous()
+        if rows.dtype == torch.bfloat16:
+            return cls(rows.view(torch.int16).numpy(), "bfloat16")
+        return cls(rows.numpy(), str(rows.dtype).removeprefix("torch."))
+
+    def to_tensor(self) -> torch.Tensor:
+        tensor = torch.from_numpy(np.array(self.data))  # writable copy of the read-only array
+        if self.dtype == "bfloat16":
+            return tensor.view(torch.bfloat16)
+        return tensor

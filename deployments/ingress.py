@@ -197,8 +197,8 @@ class IngressDeployment:
         async def drain(i: int) -> ChoiceAccumulator:
             acc = ChoiceAccumulator(i)
             acc.add(first[i])
-            async for event in streams[i]:
-                acc.add(event)
+            async for raw in streams[i]:
+                acc.add(GenerationEvent.from_wire(raw))
             return acc
 
         accs = await asyncio.gather(*(drain(i) for i in range(len(streams))))
@@ -254,7 +254,10 @@ class IngressDeployment:
     ) -> dict[str, Any]:
         chunk = ChatCompletionChunk(id=chunk_id, model=self.model_name, choices=choices)
         payload = chunk.model_dump(exclude_none=True)
-        payload["choices"] = [c.model_dump(exclude_none=False) for c in choices]
+        # OpenAI chunks always carry finish_reason (null until the last one).
+        payload["choices"] = [
+            {**c.model_dump(exclude_none=True), "finish_reason": c.finish_reason} for c in choices
+        ]
         if usage is not None:
             payload["usage"] = usage
         return payload

@@ -1,0 +1,110 @@
+"""`build_app(args: ServeArgs)`: the import_path of every YAML and of `serve run`.
+
+In: YAML `args:` or `key=value` pairs, validated into ServeArgs (bad args fail at deploy time
+naming the field). Out: the Serve application Ingress -> Preprocess -> VisionEncoder -> LLM, with
+each stage's own replicas/autoscaling, and one GPU bundle per pipeline stage of an LLM replica.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import ray
+import torch
+from ray import serve
+from ray.serve import Application
+
+from deployments.ingress import IngressDeployment
+from deployments.llm import LLMDeployment
+from deployments.preprocess import PreprocessDeployment
+from deployments.vision import VisionDeployment
+from internvl_core.serve_args import DeploymentOptions, ServeArgs
+
+logger = logging.getLogger(__name__)
+
+
+def cluster_has_gpus() -> bool:
+    """GPUs in the Ray cluster (when connected), else on this machine."""
+    if ray.is_initialized():
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return torch.cuda.is_available()
+
+
+def _gpus(option: DeploymentOptions, has_gpus: bool) -> float:
+    if option.num_gpus == "auto":
+        return 1.0 if has_gpus else 0.0
+    return float(option.num_gpus)
+
+
+def deployment_options(option: DeploymentOptions, name: str, *, num_gpus: float) -> dict[str, Any]:
+    """Serve `.options()` kwargs from our typed DeploymentOptions."""
+    out: dict[str, Any] = {
+        "name": name,
+        "max_ongoing_requests": option.max_ongoing_requests,
+        "max_queued_requests": option.max_queued_requests,
+        "health_check_period_s": option.health_check_period_s,
+        "health_check_timeout_s": option.health_check_timeout_s,
+        "graceful_shutdown_timeout_s": option.graceful_shutdown_timeout_s,
+        "ray_actor_options": {"num_cpus": option.num_cpus, "num_gpus": num_gpus},
+    }
+    if option.autoscaling is not None:
+        out["autoscaling_config"] = option.autoscaling.model_dump()
+        out["num_replicas"] = "auto"
+    else:
+        out["num_replicas"] = option.num_replicas
+    return out
+
+
+def llm_options(args: ServeArgs, has_gpus: bool) -> dict[str, Any]:
+    """PP=1: the replica holds its GPU. PP>1: one bundle per stage, the replica in bundle 0
+    (CPU only; stage actors take the GPUs), STRICT_PACK so stages share a node's fast links."""
+    gpus = _gpus(args.llm, has_gpus)
+    out = deployment_options(args.llm, "LLM", num_gpus=gpus)
+    pp = args.engine.pp_size
+    if pp > 1:
+        per_stage = {"GPU": gpus} if gpus > 0 else {"CPU": 0.01}
+        out["ray_actor_options"] = {"num_cpus": args.llm.num_cpus, "num_gpus": 0}
+        out["placement_group_bundles"] = [{"CPU": args.llm.num_cpus, **per_stage}] + [
+            dict(per_stage) for _ in range(pp - 1)
+        ]
+        out["placement_group_strategy"] = "STRICT_PACK" if gpus > 0 else "PACK"
+    return out
+
+
+def build_app(args: ServeArgs) -> Application:
+    """Validate args and compose the four deployments."""
+    if not isinstance(args, ServeArgs):
+        args = ServeArgs.model_validate(args)
+    has_gpus = cluster_has_gpus()
+    vision_gpus = _gpus(args.vision_encoder, has_gpus)
+    logger.info(
+        "building %s: pp_size=%d, GPUs in cluster: %s",
+        args.model_name,
+        args.engine.pp_size,
+        has_gpus,
+    )
+    preprocess = (
+        serve.deployment(PreprocessDeployment)
+        .options(**deployment_options(args.preprocess, "Preprocess", num_gpus=0))
+        .bind(args)
+    )
+    vision = (
+        serve.deployment(VisionDeployment)
+        .options(**deployment_options(args.vision_encoder, "VisionEncoder", num_gpus=vision_gpus))
+        .bind(args)
+    )
+    llm = serve.deployment(LLMDeployment).options(**llm_options(args, has_gpus)).bind(args)
+    max_inflight = args.ingress.max_ongoing_requests
+    return (
+        serve.deployment(IngressDeployment)
+        .options(**deployment_options(args.ingress, "Ingress", num_gpus=0))
+        .bind(
+            preprocess,
+            vision,
+            llm,
+            model_name=args.model_name,
+            max_model_len=args.engine.max_model_len,
+            max_inflight=max_inflight,
+        )
+    )

@@ -1,0 +1,133 @@
+"""LLM replica: one AsyncLLMEngine (scheduler + paged KV) over pp_size pipeline stages.
+
+In: a PreparedRequest and the vision pool's EmbeddingPayload (both by reference), and the choice
+index. Out: a stream of GenerationEvent dicts. A dead stage or engine loop fails `check_health`, so
+Serve replaces the replica; a cancelled caller aborts the sequence and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from deployments.device import resolve_device
+from deployments.events import EmbeddingPayload, GenerationEvent
+from deployments.metrics import EngineMetrics
+from deployments.stage import STAGE_PING_TIMEOUT_S, RayStageWorker, build_pipeline_engine
+from internvl_core.engine import AsyncLLMEngine, LLMEngine
+from internvl_core.preprocess.request import PreparedRequest
+from internvl_core.serve_args import ServeArgs
+
+logger = logging.getLogger(__name__)
+
+
+class LLMDeployment:
+    """Owns the engine; stage workers are in-process (PP=1) or actors on the replica's bundles."""
+
+    def __init__(self, args: ServeArgs) -> None:
+        device, dtype = resolve_device(args.dtype)
+        self.args = args
+        self.stages: list[RayStageWorker] = []
+        if args.engine.pp_size == 1:
+            engine = LLMEngine.from_checkpoint(
+                args.model_path,
+                args.engine,
+                dtype=dtype,
+                device=device,
+                quantization=args.quantization,
+            )
+        else:
+            engine, self.stages = build_pipeline_engine(args, dtype=dtype)
+        self.engine = AsyncLLMEngine(engine)
+        self.metrics = EngineMetrics()
+        logger.info("LLM replica ready: %s, pp_size=%d", args.model_name, args.engine.pp_size)
+
+    async def generate(
+        self,
+        prepared: PreparedRequest,
+        embeds: EmbeddingPayload | None,
+        choice_index: int = 0,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Stream one choice; the generator's cancellation aborts the engine request."""
+        params = prepared.sampling
+        if choice_index and params.seed is not None:
+            params = params.model_copy(update={"seed": params.seed + choice_index})
+        rows = embeds.to_tensor() if embeds is not None else None
+        hashes = [image.content_hash for image in prepared.images] or None
+        request_id = f"{prepared.request_id}-{choice_index}"
+        stream = self.engine.generate(
+            request_id,
+            prepared.prompt_token_ids,
+            params,
+            image_embeds=rows,
+            image_hashes=hashes,
+        )
+        async for out in stream:
+            event = GenerationEvent(
+                text=out.text_delta,
+                token_ids=list(out.token_ids),
+                finish_reason=out.finish_reason,
+                num_prompt_tokens=out.num_prompt_tokens,
+                num_output_tokens=out.num_output_tokens,
+                num_cached_tokens=out.num_cached_tokens,
+                logprobs=self._logprobs(out),
+            )
+            yield event.to_wire()
+        self._record()
+
+    def _token(self, token_id: int) -> dict[str, Any]:
+        text = self.engine.engine.tokenizer.decode([token_id], skip_special_tokens=False)
+        return {"token": text, "bytes": list(text.encode())}
+
+    def _logprobs(self, out: Any) -> list[dict[str, Any]] | None:
+        """OpenAI `logprobs.content` items for this step's new tokens."""
+        if out.logprobs is None:
+            return None
+        items = []
+        for i, (token_id, logprob) in enumerate(zip(out.token_ids, out.logprobs, strict=False)):
+            top = out.top_logprobs[i] if out.top_logprobs else []
+            items.append(
+                {
+                    **self._token(token_id),
+                    "logprob": logprob,
+                    "top_logprobs": [{**self._token(t), "logprob": lp} for t, lp in top],
+                }
+            )
+        return items
+
+    def _record(self) -> None:
+        stats = self.engine.stats
+        self.metrics.record(
+            waiting=stats.num_waiting,
+            running=stats.num_running,
+            used=stats.kv_blocks_total - stats.kv_blocks_free,
+            free=stats.kv_blocks_free,
+            hit=stats.prefix_cache_hit_rate,
+        )
+
+    def stats(self) -> dict[str, Any]:
+        """Engine counters (tests check KV blocks are all free after a disconnect)."""
+        stats = self.engine.stats
+        return {
+            "num_waiting": stats.num_waiting,
+            "num_running": stats.num_running,
+            "kv_blocks_total": stats.kv_blocks_total,
+            "kv_blocks_free": stats.kv_blocks_free,
+            "prefix_cache_hit_rate": stats.prefix_cache_hit_rate,
+        }
+
+    async def health(self) -> bool:
+        await self.check_health()
+        return True
+
+    async def check_health(self) -> None:
+        """Serve calls this periodically; raising makes the replica unhealthy (replaced).
+
+        A dead stage actor raises ActorDiedError here, which Serve treats as a crash at once.
+        """
+        self.engine.check_health()
+        if self.stages:
+            pings = asyncio.gather(*(stage.actor.ping.remote() for stage in self.stages))
+            await asyncio.wait_for(pings, timeout=STAGE_PING_TIMEOUT_S)

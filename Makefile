@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TINY := models/tiny
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1 || echo 0)
 
-.PHONY: run test lint format install tiny clean
+.PHONY: run demo test lint format install tiny clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,7 +27,11 @@ $(TINY)/config.json: | $(STAMP)
 
 tiny: $(TINY)/config.json
 
+# Serves the tiny default model on 127.0.0.1:8000 (Ctrl-C stops it). Token auth off: local only.
 run: $(STAMP) $(TINY)/config.json
+	RAY_AUTH_MODE=disabled $(BIN)/serve run serve_configs/tiny.yaml
+
+demo: $(STAMP) $(TINY)/config.json
 	$(BIN)/python -m internvl_core.demo --model $(TINY)
 
 test: $(STAMP)

@@ -292,10 +292,11 @@ def test_redirect_loop_refused(model: Model, media_server: MediaServer) -> None:
 # ---- sizes and time -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["/big-length", "/big-chunked", "/gzip-bomb"])
+@pytest.mark.parametrize("path", ["/big-length", "/big-chunked", "/gzip-bomb", "data:"])
 def test_oversized_download_refused(model: Model, media_server: MediaServer, path: str) -> None:
     preparer = _preparer(model, trusted_networks=TRUSTED, max_image_bytes=MAX_IMAGE_BYTES)
-    request = _request(_image(media_server.url(path)))
+    url = mf.data_url(bytes(BIG_BYTES)) if path == "data:" else media_server.url(path)
+    request = _request(_image(url))
     refusal, _ = _refused(preparer, request, error=PayloadTooLargeError, match=f"{MAX_IMAGE_BYTES}")
     assert refusal.status_code == 413
 

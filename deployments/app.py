@@ -106,5 +106,6 @@ def build_app(args: ServeArgs) -> Application:
             model_name=args.model_name,
             max_model_len=args.engine.max_model_len,
             max_inflight=max_inflight,
+            stream_interval_s=args.stream_interval_s,
         )
     )

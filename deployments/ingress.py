@@ -42,6 +42,7 @@ from internvl_core.protocol import (
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 2**20
+NON_STREAM_INTERVAL_S = 3600.0
 
 
 def error_response(exc: BaseException) -> JSONResponse:
@@ -86,6 +87,7 @@ class IngressDeployment:
         model_name: str,
         max_model_len: int,
         max_inflight: int,
+        stream_interval_s: float = 0.0,
     ) -> None:
         self.preprocess = preprocess
         self.vision = vision
@@ -93,6 +95,7 @@ class IngressDeployment:
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.max_inflight = max_inflight
+        self.stream_interval_s = stream_interval_s
         self.inflight = 0
         self.metrics = IngressMetrics()
 
@@ -184,7 +187,9 @@ class IngressDeployment:
         )
         embeds = self.vision.encode.remote(prepared) if has_media else None
         llm = self.llm.options(stream=True)
-        return [llm.generate.remote(prepared, embeds, i) for i in range(parsed.n)]
+        # Non-streaming callers need only the first event (errors) and the final one.
+        interval = self.stream_interval_s if parsed.stream else NON_STREAM_INTERVAL_S
+        return [llm.generate.remote(prepared, embeds, i, interval) for i in range(parsed.n)]
 
     async def _complete(
         self,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -49,33 +50,46 @@ class LLMDeployment:
         prepared: PreparedRequest,
         embeds: EmbeddingPayload | None,
         choice_index: int = 0,
+        stream_interval_s: float = 0.0,
     ) -> AsyncIterator[dict[str, Any]]:
-        """Stream one choice; the generator's cancellation aborts the engine request."""
+        """Stream one choice; the generator's cancellation aborts the engine request.
+
+        The first event goes out at once (time to first token); later steps are coalesced into
+        one event per `stream_interval_s` (0 = every step; a non-streaming caller passes a large
+        value and gets the first and the final event only), which cuts per-token Ray overhead.
+        """
         params = prepared.sampling
         if choice_index and params.seed is not None:
             params = params.model_copy(update={"seed": params.seed + choice_index})
         rows = embeds.to_tensor() if embeds is not None else None
         hashes = [image.content_hash for image in prepared.images] or None
-        request_id = f"{prepared.request_id}-{choice_index}"
         stream = self.engine.generate(
-            request_id,
+            f"{prepared.request_id}-{choice_index}",
             prepared.prompt_token_ids,
             params,
             image_embeds=rows,
             image_hashes=hashes,
         )
+        pending: list[GenerationEvent] = []
+        last_sent = 0.0
         async for out in stream:
-            event = GenerationEvent(
-                text=out.text_delta,
-                token_ids=list(out.token_ids),
-                finish_reason=out.finish_reason,
-                num_prompt_tokens=out.num_prompt_tokens,
-                num_output_tokens=out.num_output_tokens,
-                num_cached_tokens=out.num_cached_tokens,
-                logprobs=self._logprobs(out),
-            )
-            yield event.to_wire()
+            pending.append(self._event(out))
+            now = time.monotonic()
+            if out.finished or not last_sent or now - last_sent >= stream_interval_s:
+                yield merge_events(pending).to_wire()
+                pending, last_sent = [], now
         self._record()
+
+    def _event(self, out: Any) -> GenerationEvent:
+        return GenerationEvent(
+            text=out.text_delta,
+            token_ids=list(out.token_ids),
+            finish_reason=out.finish_reason,
+            num_prompt_tokens=out.num_prompt_tokens,
+            num_output_tokens=out.num_output_tokens,
+            num_cached_tokens=out.num_cached_tokens,
+            logprobs=self._logprobs(out),
+        )
 
     def _token(self, token_id: int) -> dict[str, Any]:
         text = self.engine.engine.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -131,3 +145,20 @@ class LLMDeployment:
         if self.stages:
             pings = asyncio.gather(*(stage.actor.ping.remote() for stage in self.stages))
             await asyncio.wait_for(pings, timeout=STAGE_PING_TIMEOUT_S)
+
+
+def merge_events(events: list[GenerationEvent]) -> GenerationEvent:
+    """Several consecutive steps of one choice as one event (texts and tokens concatenated)."""
+    if len(events) == 1:
+        return events[0]
+    last = events[-1]
+    logprobs = [item for e in events for item in (e.logprobs or [])]
+    return GenerationEvent(
+        text="".join(e.text for e in events),
+        token_ids=[t for e in events for t in e.token_ids],
+        finish_reason=last.finish_reason,
+        num_prompt_tokens=last.num_prompt_tokens,
+        num_output_tokens=last.num_output_tokens,
+        num_cached_tokens=last.num_cached_tokens,
+        logprobs=logprobs if any(e.logprobs is not None for e in events) else None,
+    )

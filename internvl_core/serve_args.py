@@ -99,6 +99,9 @@ class ServeArgs(BaseModel):
         default_factory=lambda: SamplingParams(max_tokens=512),
         description="defaults a request's fields override",
     )
+    stream_interval_s: float = Field(
+        default=0.02, ge=0, description="SSE: steps arriving within this interval share a chunk"
+    )
     ingress: DeploymentOptions = Field(
         default_factory=lambda: DeploymentOptions(max_ongoing_requests=256, num_cpus=0.5),
         description="HTTP ingress",

@@ -1,0 +1,219 @@
+"""Serve graph vs the same stages in one process: a bounded mixed text/image load on the tiny model.
+
+Runs N requests at a fixed concurrency (a) through the Ray Serve graph over HTTP (streaming, to
+time the first token) and (b) through the same preprocess + vision + engine code in-process, then
+prints one JSON line: graph_req_s, inproc_req_s, ratio, ttft_p50_ms, ttft_p99_ms, errors, device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import platform
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import yaml
+from PIL import Image
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _bodies(model: str, num: int, image_share: float, max_tokens: int) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(0)
+    bodies = []
+    for i in range(num):
+        text = f"Request {i}: tell me about item {rng.integers(1000)} and {rng.integers(1000)}."
+        content: list[dict[str, Any]] | str = text
+        if rng.random() < image_share:
+            width, height = int(rng.integers(60, 400)), int(rng.integers(60, 400))
+            pixels = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(pixels).save(buf, format="PNG")
+            url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+            content = [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": text},
+            ]
+        messages = [{"role": "user", "content": content}]
+        bodies.append({"model": model, "messages": messages, "max_tokens": max_tokens})
+    return bodies
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    return float(np.percentile(np.array(values), q))
+
+
+async def _run_bounded(
+    bodies: list[dict[str, Any]], concurrency: int, one: Any
+) -> tuple[float, list[float], int]:
+    semaphore = asyncio.Semaphore(concurrency)
+    ttfts: list[float] = []
+    errors = 0
+
+    async def run(body: dict[str, Any]) -> None:
+        nonlocal errors
+        async with semaphore:
+            try:
+                ttfts.append(await one(body))
+            except Exception:  # counted, not raised: the benchmark reports errors
+                errors += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(run(b) for b in bodies))
+    return time.perf_counter() - start, ttfts, errors
+
+
+async def _graph(
+    bodies: list[dict[str, Any]], concurrency: int, port: int
+) -> tuple[float, list[float], int]:
+    limits = httpx.Limits(max_connections=concurrency * 2)
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{port}", timeout=120, limits=limits
+    ) as client:
+
+        async def one(body: dict[str, Any]) -> float:
+            start = time.perf_counter()
+            first = None
+            async with client.stream(
+                "POST", "/v1/chat/completions", json={**body, "stream": True}
+            ) as resp:
+                if resp.status_code != 200:
+                    raise RuntimeError(f"HTTP {resp.status_code}")
+                async for line in resp.aiter_lines():
+                    if line.startswith("data: ") and '"content"' in line and first is None:
+                        first = time.perf_counter() - start
+                    if '"error"' in line:
+                        raise RuntimeError(line)
+            return first if first is not None else time.perf_counter() - start
+
+        await one(bodies[0])  # warm-up
+        return await _run_bounded(bodies, concurrency, one)
+
+
+async def _inproc(
+    bodies: list[dict[str, Any]], concurrency: int, args: Any
+) -> tuple[float, list[float], int]:
+    import torch
+
+    from internvl_core.config import ModelArchitecture
+    from internvl_core.engine import AsyncLLMEngine, LLMEngine
+    from internvl_core.preprocess.request import RequestPreparer
+    from internvl_core.protocol import ChatCompletionRequest
+    from internvl_core.tokenizer import load_tokenizer
+    from internvl_core.vision import VisionEncoder
+
+    arch = ModelArchitecture.from_checkpoint(args.model_path)
+    preparer = RequestPreparer(
+        arch, load_tokenizer(args.model_path), args.media, args.engine, args.default_sampling
+    )
+    vision = VisionEncoder.from_checkpoint(args.model_path, dtype=torch.float32)
+    engine = AsyncLLMEngine(LLMEngine.from_checkpoint(args.model_path, args.engine))
+    counter = iter(range(10**9))
+
+    async def one(body: dict[str, Any]) -> float:
+        start = time.perf_counter()
+        request = ChatCompletionRequest.model_validate(body)
+        prepared = await preparer.prepare(request, f"r{next(counter)}")
+        embeds = None
+        if prepared.images:
+            pixels = np.concatenate([image.pixel_values for image in prepared.images])
+            embeds = (await asyncio.to_thread(vision.encode, pixels)).reshape(
+                -1, vision.llm_hidden_size
+            )
+        first = None
+        async for out in engine.generate(
+            prepared.request_id, prepared.prompt_token_ids, prepared.sampling, image_embeds=embeds
+        ):
+            if first is None and out.token_ids:
+                first = time.perf_counter() - start
+        return first if first is not None else time.perf_counter() - start
+
+    await one(bodies[0])
+    return await _run_bounded(bodies, concurrency, one)
+
+
+def _serve_args(model_path: str) -> dict[str, Any]:
+    config = yaml.safe_load(Path("serve_configs/tiny.yaml").read_text())
+    app_args = dict(config["applications"][0]["args"])
+    app_args["model_path"] = model_path
+    return app_args
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--image-share", type=float, default=0.5)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--model", default=None, help="checkpoint folder (default: a new tiny one)")
+    opts = parser.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+    from internvl_core.serve_args import ServeArgs
+    from internvl_core.testing import make_tiny_checkpoint
+
+    model_path = opts.model or str(make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny"))
+    args = ServeArgs.model_validate(_serve_args(model_path))
+    bodies = _bodies(args.model_name, opts.requests, opts.image_share, opts.max_tokens)
+
+    in_s, in_ttft, in_err = asyncio.run(_inproc(bodies, opts.concurrency, args))
+
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(args), name="bench", route_prefix="/")
+    try:
+        g_s, g_ttft, g_err = asyncio.run(_graph(bodies, opts.concurrency, port))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    graph_req_s = opts.requests / g_s
+    inproc_req_s = opts.requests / in_s
+    print(
+        json.dumps(
+            {
+                "requests": opts.requests,
+                "concurrency": opts.concurrency,
+                "image_share": opts.image_share,
+                "max_tokens": opts.max_tokens,
+                "graph_req_s": round(graph_req_s, 2),
+                "inproc_req_s": round(inproc_req_s, 2),
+                "ratio": round(graph_req_s / inproc_req_s, 3),
+                "ttft_p50_ms": round(_percentile(g_ttft, 50) * 1e3, 1),
+                "ttft_p99_ms": round(_percentile(g_ttft, 99) * 1e3, 1),
+                "inproc_ttft_p50_ms": round(statistics.median(in_ttft) * 1e3, 1)
+                if in_ttft
+                else None,
+                "errors": g_err,
+                "inproc_errors": in_err,
+                "device": f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

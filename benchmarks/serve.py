@@ -156,6 +156,10 @@ def _serve_args(model_path: str) -> dict[str, Any]:
     return app_args
 
 
+def _device() -> str:
+    return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=200)
@@ -209,7 +213,7 @@ def main() -> None:
                 else None,
                 "errors": g_err,
                 "inproc_errors": in_err,
-                "device": f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                "device": _device(),
             }
         )
     )

@@ -285,6 +285,7 @@ def _outcome(payload: tuple[Any, str, int], prep: RequestPreparer, loop: Any) ->
     return _check_success(prepared, prep)
 
 
+@pytest.mark.slow  # 3000 examples: about 10-20 s on 2 shared cores
 def test_random_requests_end_in_allowed_outcomes(
     preparer: tuple[RequestPreparer, asyncio.AbstractEventLoop],
 ) -> None:

@@ -60,7 +60,7 @@ class LLMDeployment:
         """
         params = prepared.sampling
         if choice_index and params.seed is not None:
-            params = params.model_copy(update={"seed": params.seed + choice_index})
+            params = params.model_copy(update={"seed": (params.seed + choice_index) % 2**64})
         rows = embeds.to_tensor() if embeds is not None else None
         hashes = [image.content_hash for image in prepared.images] or None
         stream = self.engine.generate(

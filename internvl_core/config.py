@@ -244,7 +244,9 @@ class SamplingParams(BaseModel):
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0, description="HF-style")
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="OpenAI-style")
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="OpenAI-style")
-    seed: int | None = Field(default=None, description="per-request RNG seed")
+    seed: int | None = Field(
+        default=None, ge=-(2**63), le=2**64 - 1, description="per-request RNG seed (64-bit)"
+    )
     stop: tuple[str, ...] = Field(default=(), description="stop strings (not returned)")
     stop_token_ids: tuple[int, ...] = Field(default=(), description="extra stop ids")
     ignore_eos: bool = Field(default=False, description="do not stop at the template separator")

@@ -89,7 +89,9 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1, description="alias")
     min_tokens: int | None = Field(default=None, ge=0, description="no stop before this")
     stop: str | list[str] | None = Field(default=None, description="up to 4 stop strings")
-    seed: int | None = Field(default=None, description="sampling seed")
+    seed: int | None = Field(
+        default=None, ge=-(2**63), le=2**64 - 1, description="sampling seed (64-bit)"
+    )
     n: int = Field(default=1, ge=1, le=8, description="choices per request")
     logprobs: bool = Field(default=False, description="return token logprobs")
     top_logprobs: int | None = Field(default=None, ge=0, le=20, description="alternatives")

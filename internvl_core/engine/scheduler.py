@@ -254,7 +254,8 @@ def _sampling_request(seq: Sequence) -> SamplingRequest:
         or params.presence_penalty != 0.0
         or params.frequency_penalty != 0.0
     )
-    outputs = penalised or seq.num_output_tokens < params.min_tokens
+    # min_tokens: the sampler counts outputs from this list, so it must stay whole once used.
+    outputs = penalised or params.min_tokens > 0
     return SamplingRequest(
         request_id=seq.request_id,
         params=params,

@@ -58,7 +58,12 @@ def deployment_options(option: DeploymentOptions, name: str, *, num_gpus: float)
 
 def llm_options(args: ServeArgs, has_gpus: bool) -> dict[str, Any]:
     """PP=1: the replica holds its GPU. PP>1: one bundle per stage, the replica in bundle 0
-    (CPU only; stage actors take the GPUs), STRICT_PACK so stages share a node's fast links."""
+    (CPU only; stage actors take the GPUs).
+
+    PACK keeps the stages on one node when it has the GPUs (fast links) and spans nodes when
+    none has: pipeline stages only pass hidden states, and STRICT_PACK would leave a replica
+    that needs more GPUs than any single node holds pending forever.
+    """
     gpus = _gpus(args.llm, has_gpus)
     out = deployment_options(args.llm, "LLM", num_gpus=gpus)
     pp = args.engine.pp_size
@@ -68,7 +73,7 @@ def llm_options(args: ServeArgs, has_gpus: bool) -> dict[str, Any]:
         out["placement_group_bundles"] = [{"CPU": args.llm.num_cpus, **per_stage}] + [
             dict(per_stage) for _ in range(pp - 1)
         ]
-        out["placement_group_strategy"] = "STRICT_PACK" if gpus > 0 else "PACK"
+        out["placement_group_strategy"] = "PACK"
     return out
 
 

@@ -139,12 +139,14 @@ class LLMDeployment:
     async def check_health(self) -> None:
         """Serve calls this periodically; raising makes the replica unhealthy (replaced).
 
-        A dead stage actor raises ActorDiedError here, which Serve treats as a crash at once.
+        Stages are pinged first: a dead stage actor raises ActorDiedError, which Serve treats as
+        a crash at once, whereas the engine's own error (its loop dies with the stage) would
+        need several failed checks in a row.
         """
-        self.engine.check_health()
         if self.stages:
             pings = asyncio.gather(*(stage.actor.ping.remote() for stage in self.stages))
             await asyncio.wait_for(pings, timeout=STAGE_PING_TIMEOUT_S)
+        self.engine.check_health()
 
 
 def merge_events(events: list[GenerationEvent]) -> GenerationEvent:

@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from internvl_core.config import EngineConfig, SamplingParams
+from internvl_core.config import EngineConfig, ModelArchitecture, SamplingParams
 
 _FROZEN = ConfigDict(extra="forbid", frozen=True)
 
@@ -125,6 +125,18 @@ class ServeArgs(BaseModel):
         if not (Path(value) / "config.json").is_file():
             raise ValueError(f"{value!r} has no config.json (not a checkpoint folder)")
         return value
+
+    @model_validator(mode="after")
+    def _stages_fit_layers(self) -> ServeArgs:
+        """Refuse at deploy time what every LLM replica would fail on at start: a stage with
+        no decoder layer (Serve would retry the failing replica instead of naming the field)."""
+        num_layers = ModelArchitecture.from_checkpoint(self.model_path).llm.num_hidden_layers
+        if self.engine.pp_size > num_layers:
+            raise ValueError(
+                f"engine.pp_size is {self.engine.pp_size}; the decoder has {num_layers} layers "
+                "and every stage needs at least one"
+            )
+        return self
 
     @property
     def model_name(self) -> str:

@@ -1,0 +1,324 @@
+"""Tests for serve_configs/*.yaml through `deployments.app:build_app`, and for the graph's
+per-deployment autoscaling: vision and LLM replicas scale out independently of each other.
+
+The YAML tests build applications without deploying; the autoscaling test runs a local Ray
+cluster with logical GPUs and drives bounded HTTP load on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from PIL import Image
+from pydantic import ValidationError
+from ray.serve import Application
+from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+from ray.serve._private.build_app import build_app as build_deployments
+from ray.serve.schema import ServeDeploySchema
+
+from deployments.app import build_app, llm_options
+from internvl_core.serve_args import AutoscalingOptions, DeploymentOptions, ServeArgs
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "serve_configs"
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
+DEPLOYMENTS = {"Ingress", "Preprocess", "VisionEncoder", "LLM"}
+
+# Decoder family of each seed model (the tiny checkpoint substituted for its weights) and the
+# pipeline size its YAML must give on 80 GB GPUs (Yi-34B and Llama-3-70B do not fit one GPU).
+FAMILY = {
+    "tiny": "qwen2",
+    "1b": "qwen2",
+    "2b": "internlm2",
+    "4b": "phi3",
+    "8b": "internlm2",
+    "26b": "internlm2",
+    "40b": "llama",
+    "76b": "llama",
+    "76b-int8": "llama",
+    "v1-2-plus": "llama",
+    "mini-4b-v1-5": "phi3",
+}
+PP_SIZE = {"40b": 2, "76b": 4, "76b-int8": 2, "v1-2-plus": 2}
+QUANTIZATION = {"76b-int8": "8bit"}
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
+def _app_args(path: Path, tiny_checkpoint: Callable[..., Path]) -> dict[str, Any]:
+    """The YAML's `args:` with the tiny checkpoint of the same family as `model_path`."""
+    (app,) = _load(path)["applications"]
+    checkpoint = tiny_checkpoint(FAMILY[path.stem], num_llm_layers=4)
+    return {**app["args"], "model_path": str(checkpoint)}
+
+
+def test_every_seed_model_has_a_config() -> None:
+    assert {path.stem for path in CONFIGS} == set(FAMILY)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_yaml_validates_through_build_app(path: Path, tiny_checkpoint: Callable[..., Path]) -> None:
+    schema = ServeDeploySchema.model_validate(_load(path))
+    (app_schema,) = schema.applications
+    assert app_schema.import_path == "deployments.app:build_app"
+    # The same call Serve makes for YAML `args:` and for `serve run module:builder k=v`.
+    app = call_user_app_builder_with_args_if_necessary(build_app, _app_args(path, tiny_checkpoint))
+    assert isinstance(app, Application)
+    built = build_deployments(app, name=app_schema.name)
+    assert {d.name for d in built.deployments} == DEPLOYMENTS
+    assert built.ingress_deployment_name == "Ingress"
+    for deployment in built.deployments:  # backpressure everywhere: no unbounded queue
+        assert deployment.max_ongoing_requests >= 1, deployment.name
+        assert deployment.max_queued_requests >= 1, deployment.name
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_yaml_gpu_topology(path: Path, tiny_checkpoint: Callable[..., Path]) -> None:
+    """On a GPU cluster: one GPU bundle per pipeline stage (the replica in bundle 0), vision on
+    its own GPU; tiny.yaml stays on CPU wherever it runs."""
+    args = ServeArgs.model_validate(_app_args(path, tiny_checkpoint))
+    pp_size = PP_SIZE.get(path.stem, 1)
+    assert args.engine.pp_size == pp_size
+    assert args.quantization == QUANTIZATION.get(path.stem)
+    options = llm_options(args, has_gpus=True)
+    if path.stem == "tiny":
+        assert options["ray_actor_options"]["num_gpus"] == 0
+        assert args.vision_encoder.num_gpus == 0
+        return
+    assert args.vision_encoder.num_gpus == 1
+    assert args.vision_encoder.autoscaling is not None
+    assert args.llm.autoscaling is not None
+    if pp_size == 1:
+        assert options["ray_actor_options"]["num_gpus"] == 1
+        assert "placement_group_bundles" not in options
+        return
+    bundles = options["placement_group_bundles"]
+    assert [b.get("GPU") for b in bundles] == [1.0] * pp_size
+    assert bundles[0]["CPU"] == args.llm.num_cpus
+    assert options["ray_actor_options"] == {"num_cpus": args.llm.num_cpus, "num_gpus": 0}
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"engine": {"pp_size": 0}}, "engine.pp_size"),
+        ({"engine": {"pp_size": 5}}, "engine.pp_size"),  # the tiny decoder has 4 layers
+        ({"dtype": "float8"}, "dtype"),
+        ({"quantization": "3bit"}, "quantization"),
+        ({"llm": {"max_ongoing_requests": 0}}, "llm.max_ongoing_requests"),
+        ({"vision": {"max_batch_tiles": 0}}, "vision.max_batch_tiles"),
+        ({"model_pth": "x"}, "model_pth"),
+        ({"model_path": "/nonexistent/checkpoint"}, "model_path"),
+    ],
+)
+def test_wrong_arg_fails_naming_the_field(
+    change: dict[str, Any], field: str, tiny_checkpoint: Callable[..., Path]
+) -> None:
+    args = {"model_path": str(tiny_checkpoint("qwen2", num_llm_layers=4)), **change}
+    with pytest.raises(ValidationError) as info:
+        call_user_app_builder_with_args_if_necessary(build_app, args)
+    assert field in str(info.value)
+
+
+def test_command_line_args_build(tiny_qwen2: Path) -> None:
+    """`serve run deployments.app:build_app model_path=DIR` passes plain strings."""
+    app = call_user_app_builder_with_args_if_necessary(
+        build_app, {"model_path": str(tiny_qwen2), "dtype": "float32"}
+    )
+    assert isinstance(app, Application)
+
+
+# ---- autoscaling: vision and LLM replicas follow their own load --------------------------------
+IMAGE_SIDE = (448, 280)  # 8 x 5 tiles of 56 px (+ thumbnail) at max_dynamic_patch 40
+IMAGES_PER_REQUEST = 3  # 123 tiles: the vision pool does most of the work
+VIT_LAYERS = 64  # a deep tiny ViT: encoding dominates image requests, as with InternViT-6B
+PHASE_TIMEOUT_S = 90.0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def serve_url() -> Iterator[str]:
+    """A local Ray cluster with logical GPUs (one per vision or LLM replica) and Serve."""
+    import ray
+    from ray import serve
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # local-only cluster (ray-serve-notes sec. 4)
+    ray.init(num_cpus=4, num_gpus=4, include_dashboard=False, log_to_driver=False)
+    port = _free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _scaled(target: float, **overrides: Any) -> DeploymentOptions:
+    """1..2 replicas reacting within about a second (upscale at once, short windows)."""
+    autoscaling = AutoscalingOptions(
+        min_replicas=1,
+        max_replicas=2,
+        target_ongoing_requests=target,
+        upscale_delay_s=0,
+        downscale_delay_s=1,
+        look_back_period_s=1,
+        metrics_interval_s=0.2,
+    )
+    return _fast(autoscaling=autoscaling, num_gpus=1, max_ongoing_requests=32, **overrides)
+
+
+def _fast(**overrides: Any) -> DeploymentOptions:
+    values: dict[str, Any] = {
+        "num_cpus": 0,
+        "max_queued_requests": 128,
+        "health_check_period_s": 1.0,
+        "graceful_shutdown_timeout_s": 0.5,
+    }
+    return DeploymentOptions(**{**values, **overrides})
+
+
+def _replicas(app_name: str) -> dict[str, int]:
+    """Replicas per deployment that are running or starting (stopping ones excluded)."""
+    from ray import serve
+
+    deployments = serve.status().applications[app_name].deployments
+    return {
+        name: sum(n for state, n in d.replica_states.items() if state != "STOPPING")
+        for name, d in deployments.items()
+    } | {f"{name}:running": d.replica_states.get("RUNNING", 0) for name, d in deployments.items()}
+
+
+def _png_data_url(index: int) -> str:
+    """A distinct image per index (no embedding-cache or prefix-cache hits between requests)."""
+    color = (index % 251, (index // 251) % 251, 99)
+    buffer = io.BytesIO()
+    Image.new("RGB", IMAGE_SIDE, color).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _image_request(index: int) -> dict[str, Any]:
+    images = [
+        {"type": "image_url", "image_url": {"url": _png_data_url(index * 8 + k)}}
+        for k in range(IMAGES_PER_REQUEST)
+    ]
+    return {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": [*images, {"type": "text", "text": "Compare."}]}],
+        "max_tokens": 1,
+        "max_dynamic_patch": 40,
+    }
+
+
+def _text_request(index: int) -> dict[str, Any]:
+    question = f"Tell a long story number {index}."
+    return {"model": "tiny", "messages": [{"role": "user", "content": question}], "max_tokens": 64}
+
+
+async def _drive(
+    url: str,
+    make_request: Callable[[int], dict[str, Any]],
+    *,
+    concurrency: int,
+    done: Callable[[], bool],
+) -> list[int]:
+    """Closed-loop load until `done()` or PHASE_TIMEOUT_S; returns every HTTP status seen."""
+    statuses: list[int] = []
+    deadline = time.monotonic() + PHASE_TIMEOUT_S
+    counter = iter(range(10**6))
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while not done() and time.monotonic() < deadline:
+            response = await client.post("/v1/chat/completions", json=make_request(next(counter)))
+            statuses.append(response.status_code)
+
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    return statuses
+
+
+async def _load_and_watch(
+    url: str,
+    app_name: str,
+    make_request: Callable[[int], dict[str, Any]],
+    *,
+    concurrency: int,
+    scaled: str,
+) -> tuple[list[int], dict[str, int]]:
+    """Drive load until `scaled` has 2 running replicas; returns statuses and the largest replica
+    count seen per deployment meanwhile."""
+    peak: dict[str, int] = {}
+    reached = False
+
+    async def watch() -> None:
+        nonlocal reached
+        deadline = time.monotonic() + PHASE_TIMEOUT_S
+        while not reached and time.monotonic() < deadline:
+            counts = await asyncio.to_thread(_replicas, app_name)
+            for name, count in counts.items():
+                peak[name] = max(peak.get(name, 0), count)
+            reached = counts[f"{scaled}:running"] >= 2
+            await asyncio.sleep(0.25)
+
+    statuses, _ = await asyncio.gather(
+        _drive(url, make_request, concurrency=concurrency, done=lambda: reached), watch()
+    )
+    return statuses, peak
+
+
+@pytest.mark.serve
+@pytest.mark.slow
+def test_vision_and_llm_scale_independently(
+    serve_url: str, tiny_checkpoint: Callable[..., Path]
+) -> None:
+    from ray import serve
+
+    checkpoint = tiny_checkpoint("qwen2", num_vit_layers=VIT_LAYERS)
+    args = ServeArgs(
+        model_path=str(checkpoint),
+        served_model_name="tiny",
+        dtype="float32",
+        ingress=_fast(max_ongoing_requests=64),
+        preprocess=_fast(max_ongoing_requests=32),
+        vision_encoder=_scaled(target=2),
+        llm=_scaled(target=2),
+    )
+    app_name = "autoscaling"
+    serve.run(build_app(args), name=app_name, route_prefix="/")
+    try:
+        statuses, peak = asyncio.run(
+            _load_and_watch(
+                serve_url, app_name, _image_request, concurrency=12, scaled="VisionEncoder"
+            )
+        )
+        assert peak["VisionEncoder:running"] == 2
+        assert peak["LLM"] == 1
+        assert set(statuses) == {200}
+        # The idle vision pool goes back to its minimum before the text-only load.
+        deadline = time.monotonic() + 30
+        while _replicas(app_name)["VisionEncoder"] > 1 and time.monotonic() < deadline:
+            time.sleep(0.25)
+        statuses, peak = asyncio.run(
+            _load_and_watch(serve_url, app_name, _text_request, concurrency=8, scaled="LLM")
+        )
+        assert peak["LLM:running"] == 2
+        assert peak["VisionEncoder"] == 1
+        assert set(statuses) == {200}
+    finally:
+        serve.delete(app_name)

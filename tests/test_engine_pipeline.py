@@ -10,9 +10,8 @@ import torch
 
 from internvl_core.config import EngineConfig, ModelArchitecture, SamplingParams
 from internvl_core.engine.batch import SamplingRequest, ScheduledBatch, StageOutput
-from internvl_core.engine.engine import split_layers
 from internvl_core.engine.model_runner import ModelRunner
-from internvl_core.engine.pipeline import LocalStageWorker, Pipeline
+from internvl_core.engine.pipeline import LocalStageWorker, Pipeline, split_layers
 from internvl_core.errors import InvalidRequestError
 from internvl_core.model.decoder import DecoderModel
 

@@ -4,10 +4,16 @@ Public surface: `LLMEngine`, `AsyncLLMEngine`, the output dataclasses and the st
 """
 
 from internvl_core.engine.async_engine import AsyncLLMEngine
-from internvl_core.engine.engine import LLMEngine, split_layers
+from internvl_core.engine.engine import LLMEngine
 from internvl_core.engine.model_runner import ModelRunner
 from internvl_core.engine.outputs import CompletedOutput, EngineStats, RequestOutput
-from internvl_core.engine.pipeline import LocalStageWorker, Pipeline, StageWorker
+from internvl_core.engine.pipeline import (
+    LocalStageWorker,
+    Pipeline,
+    StageWorker,
+    build_pipeline,
+    split_layers,
+)
 
 __all__ = [
     "AsyncLLMEngine",
@@ -19,5 +25,6 @@ __all__ = [
     "Pipeline",
     "RequestOutput",
     "StageWorker",
+    "build_pipeline",
     "split_layers",
 ]

@@ -19,15 +19,23 @@ import torch
 from internvl_core.config import EngineConfig, LLMArchitecture, ModelArchitecture, SamplingParams
 from internvl_core.engine.block_manager import BlockManager
 from internvl_core.engine.detokenizer import IncrementalDetokenizer, TokenDecoder
-from internvl_core.engine.model_runner import ModelRunner
-from internvl_core.engine.outputs import CompletedOutput, EngineStats, RequestOutput
-from internvl_core.engine.pipeline import LocalStageWorker, PendingBatch, Pipeline, StageWorker
+from internvl_core.engine.outputs import (
+    CompletedOutput,
+    EngineStats,
+    OutputCollector,
+    RequestOutput,
+)
+from internvl_core.engine.pipeline import (
+    PendingBatch,
+    Pipeline,
+    StageWorker,
+    build_pipeline,
+)
 from internvl_core.engine.sampler import SamplerOutput
 from internvl_core.engine.scheduler import Scheduler
 from internvl_core.engine.sequence import Request, Sequence, SequenceStatus
 from internvl_core.engine.stop import StopChecker
 from internvl_core.errors import ContextLengthError, EngineOverloadedError, InvalidRequestError
-from internvl_core.model.decoder import DecoderModel
 from internvl_core.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -47,20 +55,6 @@ class _RequestState:
     stop: StopChecker
     detokenizer: IncrementalDetokenizer | None
     num_emitted_chars: int = 0
-
-
-def split_layers(num_layers: int, pp_size: int) -> list[tuple[int, int]]:
-    """Even contiguous layer ranges [lo, hi), the first `num_layers % pp_size` one layer longer."""
-    if not 1 <= pp_size <= num_layers:
-        raise InvalidRequestError(
-            f"pp_size is {pp_size}; it must be between 1 and num_hidden_layers ({num_layers})",
-            param="pp_size",
-        )
-    base, extra = divmod(num_layers, pp_size)
-    bounds = [0]
-    for stage in range(pp_size):
-        bounds.append(bounds[-1] + base + (1 if stage < extra else 0))
-    return list(itertools.pairwise(bounds))
 
 
 class LLMEngine:
@@ -124,26 +118,20 @@ class LLMEngine:
         """
         arch = ModelArchitecture.from_checkpoint(path)
         tokenizer = load_tokenizer(path)
-        stages: list[StageWorker] = []
-        for index, (lo, hi) in enumerate(split_layers(arch.llm.num_hidden_layers, config.pp_size)):
-            if stage_factory is not None:
-                stages.append(stage_factory(index, lo, hi))
-                continue
-            model = DecoderModel.from_checkpoint(
-                path,
-                start_layer=lo,
-                end_layer=hi,
-                dtype=dtype,
-                device=device,
-                quantization=quantization,
-                arch=arch.llm,
-            )
-            stages.append(LocalStageWorker(ModelRunner(model, block_size=config.block_size)))
+        pipeline = build_pipeline(
+            path,
+            config,
+            arch=arch.llm,
+            dtype=dtype,
+            device=device,
+            quantization=quantization,
+            stage_factory=stage_factory,
+        )
         if eos_token_ids is None:
             sep_id = tokenizer.token_to_id(TEMPLATE_STOP_TOKENS[arch.template])
             eos_token_ids = (sep_id,) if sep_id is not None else ()
         return cls(
-            Pipeline(stages),
+            pipeline,
             tokenizer,
             config,
             eos_token_ids=eos_token_ids,
@@ -360,7 +348,7 @@ class LLMEngine:
         if not len(params_list) == len(embeds) == len(hashes) == len(prompts):
             raise InvalidRequestError("params, image_embeds and prompts differ in length")
         ids = [f"generate-{next(self._ids)}" for _ in prompts]
-        results = {rid: _Collector() for rid in ids}
+        results = {rid: OutputCollector() for rid in ids}
         for rid, prompt, p, emb, h in zip(ids, prompts, params_list, embeds, hashes, strict=True):
             self.add_request(rid, prompt, p, image_embeds=emb, image_hashes=h)
         pending = set(ids)
@@ -385,30 +373,4 @@ class LLMEngine:
             kv_block_size=manager.block_size,
             prefix_cache_hit_rate=manager.prefix_cache_hit_rate,
             num_preemptions=self.scheduler.num_preemptions,
-        )
-
-
-class _Collector:
-    """Accumulates one request's step outputs into a CompletedOutput."""
-
-    def __init__(self) -> None:
-        self.outputs: list[RequestOutput] = []
-
-    def add(self, out: RequestOutput) -> None:
-        self.outputs.append(out)
-
-    def complete(self, request_id: str) -> CompletedOutput:
-        last = self.outputs[-1]
-        logprobs = [lp for o in self.outputs for lp in (o.logprobs or [])]
-        top = [t for o in self.outputs for t in (o.top_logprobs or [])]
-        return CompletedOutput(
-            request_id=request_id,
-            token_ids=[t for o in self.outputs for t in o.token_ids],
-            text="".join(o.text_delta for o in self.outputs),
-            finish_reason=last.finish_reason,
-            num_prompt_tokens=last.num_prompt_tokens,
-            num_cached_tokens=last.num_cached_tokens,
-            logprobs=logprobs or None,
-            top_logprobs=top or None,
-            stop_reason=last.stop_reason,
         )

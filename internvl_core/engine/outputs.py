@@ -57,3 +57,29 @@ class EngineStats:
     def kv_usage(self) -> float:
         """Fraction of KV blocks in use."""
         return 1.0 - self.kv_blocks_free / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+class OutputCollector:
+    """Accumulates one request's step outputs into a CompletedOutput."""
+
+    def __init__(self) -> None:
+        self.outputs: list[RequestOutput] = []
+
+    def add(self, out: RequestOutput) -> None:
+        self.outputs.append(out)
+
+    def complete(self, request_id: str) -> CompletedOutput:
+        last = self.outputs[-1]
+        logprobs = [lp for o in self.outputs for lp in (o.logprobs or [])]
+        top = [t for o in self.outputs for t in (o.top_logprobs or [])]
+        return CompletedOutput(
+            request_id=request_id,
+            token_ids=[t for o in self.outputs for t in o.token_ids],
+            text="".join(o.text_delta for o in self.outputs),
+            finish_reason=last.finish_reason,
+            num_prompt_tokens=last.num_prompt_tokens,
+            num_cached_tokens=last.num_cached_tokens,
+            logprobs=logprobs or None,
+            top_logprobs=top or None,
+            stop_reason=last.stop_reason,
+        )

@@ -6,15 +6,21 @@ ModelRunner in process; a Ray actor stage (deployments/) implements the same fou
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
-from internvl_core.config import EngineConfig
+import torch
+
+from internvl_core.config import EngineConfig, LLMArchitecture
 from internvl_core.engine.batch import ScheduledBatch, StageOutput
 from internvl_core.engine.model_runner import ModelRunner
 from internvl_core.engine.sampler import SamplerOutput
+from internvl_core.errors import InvalidRequestError
+from internvl_core.model.decoder import DecoderModel
 
 logger = logging.getLogger(__name__)
 
@@ -96,3 +102,48 @@ class Pipeline:
         assert output.batch_id == pending.batch.batch_id, "stages must keep submission order"
         assert output.sampled is not None, "the last stage samples"
         return output.sampled
+
+
+def split_layers(num_layers: int, pp_size: int) -> list[tuple[int, int]]:
+    """Even contiguous layer ranges [lo, hi), the first `num_layers % pp_size` one layer longer."""
+    if not 1 <= pp_size <= num_layers:
+        raise InvalidRequestError(
+            f"pp_size is {pp_size}; it must be between 1 and num_hidden_layers ({num_layers})",
+            param="pp_size",
+        )
+    base, extra = divmod(num_layers, pp_size)
+    bounds = [0]
+    for stage in range(pp_size):
+        bounds.append(bounds[-1] + base + (1 if stage < extra else 0))
+    return list(itertools.pairwise(bounds))
+
+
+def build_pipeline(
+    path: str | Path,
+    config: EngineConfig,
+    *,
+    arch: LLMArchitecture,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    quantization: Literal["8bit", "4bit"] | None = None,
+    stage_factory: Callable[[int, int, int], StageWorker] | None = None,
+) -> Pipeline:
+    """`config.pp_size` stages over even layer ranges. In-process stages (each loading only its
+    own tensors) unless `stage_factory(stage_index, start_layer, end_layer)` builds them (the Serve
+    replica passes one that creates Ray actors on its bundles)."""
+    stages: list[StageWorker] = []
+    for index, (lo, hi) in enumerate(split_layers(arch.num_hidden_layers, config.pp_size)):
+        if stage_factory is not None:
+            stages.append(stage_factory(index, lo, hi))
+            continue
+        model = DecoderModel.from_checkpoint(
+            path,
+            start_layer=lo,
+            end_layer=hi,
+            dtype=dtype,
+            device=device,
+            quantization=quantization,
+            arch=arch,
+        )
+        stages.append(LocalStageWorker(ModelRunner(model, block_size=config.block_size)))
+    return Pipeline(stages)

@@ -158,7 +158,7 @@ class IngressDeployment:
                 f"{self.inflight} requests in flight; max_inflight is {self.max_inflight}"
             )
         parsed = await self._parse(request)
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request_id, headers = _request_id(request)
         self.inflight += 1
         start = time.perf_counter()
         try:
@@ -169,10 +169,11 @@ class IngressDeployment:
             raise
         if parsed.stream:
             body = self._stream_body(parsed, request_id, streams, first, start)
-            headers = {"x-request-id": request_id}
             return StreamingResponse(body, media_type="text/event-stream", headers=headers)
         try:
-            return await self._complete(parsed, request_id, streams, first, start)
+            response = await self._complete(parsed, request_id, streams, first, start)
+            response.headers.update(headers)
+            return response
         finally:
             self.inflight -= 1
 
@@ -216,9 +217,7 @@ class IngressDeployment:
             usage=usage,
         )
         self.metrics.request_done("ok", time.perf_counter() - start, usage.completion_tokens)
-        return JSONResponse(
-            response.model_dump(exclude_none=True), headers={"x-request-id": request_id}
-        )
+        return JSONResponse(response.model_dump(exclude_none=True))
 
     async def _stream_body(
         self,
@@ -266,6 +265,22 @@ class IngressDeployment:
         if usage is not None:
             payload["usage"] = usage
         return payload
+
+
+def _request_id(request: Request) -> tuple[str, dict[str, str]]:
+    """The id that logs carry end to end, and the response headers that echo the client's id.
+
+    Serve's proxy puts `x-request-id` on every request (the client's own, else a fresh one) and
+    echoes it on the response, so the header is set here only when no proxy did (a second copy
+    would reach clients as "id, id"). Clients may reuse ids while a request is in flight, and the
+    engine keys sequences by id, so a short unique suffix follows the client's id.
+    """
+    suffix = uuid.uuid4().hex[:8]
+    given = request.headers.get("x-request-id")
+    if given:
+        return f"{given}.{suffix}", {}
+    request_id = uuid.uuid4().hex
+    return f"{request_id}.{suffix}", {"x-request-id": request_id}
 
 
 async def _first_event(stream: AsyncIterator[Any]) -> GenerationEvent:

@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from internvl_core.config import SamplingParams
 
@@ -103,14 +103,23 @@ class ChatCompletionRequest(BaseModel):
     )
     user: str | None = Field(default=None, description="ignored; accepted for compatibility")
 
-    @model_validator(mode="after")
-    def _check(self) -> ChatCompletionRequest:
-        stops = self.stop_list
+    # Field validators (not one model validator) so a refusal's `loc`, hence the error's
+    # `param`, names the offending field.
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
         if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes at most 4 non-empty strings")
-        if self.top_logprobs and not self.logprobs:
+            raise ValueError(f"stop takes at most 4 non-empty strings; got {len(stops)}")
+        return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _check_top_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        # `logprobs` is declared before `top_logprobs`, so it is already in info.data.
+        if value and not info.data.get("logprobs", False):
             raise ValueError("top_logprobs requires logprobs=true")
-        return self
+        return value
 
     @property
     def stop_list(self) -> tuple[str, ...]:

@@ -1,0 +1,106 @@
+"""Shared helpers for tests that start Ray Serve: a local cluster with logical GPUs on 127.0.0.1,
+fast deployment options, apps deployed and deleted by context manager, and polling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from internvl_core.serve_args import DeploymentOptions, ServeArgs
+
+FAST_SHUTDOWN_S = 0.5
+HEALTH_PERIOD_S = 1.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serve_cluster(*, num_cpus: int = 8, num_gpus: int = 4) -> Iterator[str]:
+    """A fresh local Ray cluster (GPUs are logical) with Serve's HTTP proxy on 127.0.0.1.
+
+    Yields the base URL. Token auth is off for this local-only cluster (ray-serve-notes sec. 4).
+    """
+    import ray
+    from ray import serve
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    port = free_port()
+    ray.init(
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}},
+    )
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def fast_options(**overrides: Any) -> DeploymentOptions:
+    """Deployment options with short health-check and graceful-shutdown periods for tests."""
+    values: dict[str, Any] = {
+        "num_cpus": 0,
+        "health_check_period_s": HEALTH_PERIOD_S,
+        "graceful_shutdown_timeout_s": FAST_SHUTDOWN_S,
+    }
+    return DeploymentOptions(**{**values, **overrides})
+
+
+def tiny_serve_args(model_path: Path, **overrides: Any) -> ServeArgs:
+    """ServeArgs for a tiny checkpoint in fp32 with fast options on every deployment.
+
+    `overrides` replace whole top-level fields (e.g. `engine=EngineConfig(...)`).
+    """
+    values: dict[str, Any] = {
+        "model_path": str(model_path),
+        "served_model_name": "internvl2-tiny-test",
+        "dtype": "float32",
+        "ingress": fast_options(max_ongoing_requests=64, max_queued_requests=64),
+        "preprocess": fast_options(max_ongoing_requests=32, max_queued_requests=64),
+        "vision_encoder": fast_options(
+            max_ongoing_requests=64, max_queued_requests=64, num_gpus="auto"
+        ),
+        "llm": fast_options(max_ongoing_requests=64, max_queued_requests=64, num_gpus="auto"),
+    }
+    return ServeArgs(**{**values, **overrides})
+
+
+@contextlib.contextmanager
+def deployed_app(args: ServeArgs, name: str) -> Iterator[None]:
+    """`build_app(args)` running on route prefix "/" until the block ends, then deleted."""
+    from ray import serve
+
+    from deployments.app import build_app
+
+    serve.run(build_app(args), name=name, route_prefix="/")
+    try:
+        yield
+    finally:
+        serve.delete(name)
+
+
+def wait_until(predicate: Callable[[], bool], *, timeout_s: float, interval_s: float = 0.1) -> bool:
+    """Poll `predicate` until it holds or `timeout_s` passes; returns its last value."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval_s)

@@ -13,7 +13,7 @@ import torch
 
 from internvl_core.config import EngineConfig, SamplingParams
 from internvl_core.engine.engine import LLMEngine
-from internvl_core.errors import ContextLengthError, InvalidRequestError
+from internvl_core.errors import ContextLengthError, EngineOverloadedError, InvalidRequestError
 
 FAMILIES = ["qwen2", "internlm2", "phi3", "llama"]
 BLOCK = 4
@@ -201,4 +201,19 @@ def test_abort_frees_blocks_at_once(tiny_qwen2: Path) -> None:
         outs.extend(engine.step())
     assert {o.request_id for o in outs if o.finished} == {"a", "b"}
     assert free_after_abort > 32 - 8
+    _assert_drained(engine)
+
+
+def test_waiting_queue_bound_and_stats(tiny_qwen2: Path) -> None:
+    engine = _engine(tiny_qwen2, num_kv_blocks=16, max_waiting_requests=2)
+    engine.add_request("a", [1, 2, 3], SamplingParams(max_tokens=2))
+    engine.add_request("b", [1, 2, 3], SamplingParams(max_tokens=2))
+    with pytest.raises(EngineOverloadedError, match="2 requests are waiting; max_waiting_requests"):
+        engine.add_request("c", [1, 2, 3], SamplingParams(max_tokens=2))
+    stats = engine.stats
+    assert (stats.num_waiting, stats.kv_blocks_total, stats.kv_block_size) == (2, 16, BLOCK)
+    engine.step()
+    assert engine.stats.num_running == 2 and engine.stats.kv_usage > 0
+    while engine.has_unfinished():
+        engine.step()
     _assert_drained(engine)

@@ -177,7 +177,8 @@ class Sequence:
     # long/short RoPE choice depends on the whole prompt's length).
     hash_salt: str = ""
     status: SequenceStatus = SequenceStatus.WAITING
-    token_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # prompt + outputs
+    output_token_ids: list[int] = field(default_factory=list)  # outputs only, kept in step
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[BlockHash] = field(default_factory=list)  # of full blocks, chained
@@ -204,11 +205,7 @@ class Sequence:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - len(self.request.prompt_token_ids)
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
+        return len(self.output_token_ids)
 
     @property
     def is_prefilling(self) -> bool:
@@ -217,6 +214,7 @@ class Sequence:
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+        self.output_token_ids.append(token_id)
 
     def image_keys(self, start: int, end: int) -> tuple[str, ...]:
         """Content hashes of the images with tokens in positions [start, end)."""

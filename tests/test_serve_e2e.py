@@ -167,9 +167,13 @@ def assert_greedy_equal(graph: Graph, body: dict[str, Any], expected: str) -> No
     assert choice.message.content.strip() == expected
     num_out = out.usage.completion_tokens
     assert 1 <= num_out <= MAX_NEW
-    # Ending before max_tokens can only be the separator; at max_tokens it may be either.
-    assert choice.finish_reason == "stop" if num_out < MAX_NEW else choice.finish_reason
+    # "stop" = ended on the separator, so before max_tokens unless it was the last token;
+    # "length" = ran to max_tokens.
     assert choice.finish_reason in ("stop", "length")
+    if num_out < MAX_NEW:
+        assert choice.finish_reason == "stop"
+    if choice.finish_reason == "length":
+        assert num_out == MAX_NEW
     prepared = graph.prepare(body)
     assert out.usage.prompt_tokens == len(prepared.prompt_token_ids)
     assert out.usage.total_tokens == out.usage.prompt_tokens + num_out
@@ -263,9 +267,8 @@ class TestGraph:
         p1, p2 = offline.load_image(first), offline.load_image(second)
         body = chat_body([user(image_part(first), image_part(second), "Compare them.")])
         question = "Image-1: <image>\nImage-2: <image>\nCompare them."
-        expected = offline.chat(
-            torch.cat([p1, p2]), question, GEN, num_patches_list=[len(p1), len(p2)]
-        )
+        pixels = torch.cat([p1, p2])  # [tiles_1 + tiles_2, 3, S, S]
+        expected = offline.chat(pixels, question, GEN, num_patches_list=[len(p1), len(p2)])
         assert_greedy_equal(graph, body, expected)
 
     def test_per_request_max_dynamic_patch(self, graph: Graph, offline: InternVLChat) -> None:
@@ -434,6 +437,7 @@ async def overload_scenario(url: str) -> tuple[httpx.Response, list[httpx.Respon
             burst = await asyncio.gather(*(client.post(url, json=short) for _ in range(16)))
         finally:  # disconnecting aborts both long requests
             queued.cancel()
+            await asyncio.gather(queued, return_exceptions=True)
             await running.aclose()
     return refused, list(burst)
 
@@ -447,7 +451,11 @@ class TestOverload:
         with deployed_app(overload_args(tiny_qwen2), "overload"):
             refused, burst = asyncio.run(overload_scenario(url))
             llm = serve.get_deployment_handle("LLM", app_name="overload")
-            wait_until(lambda: _idle(llm.stats.remote().result(timeout_s=TIMEOUT_S)), timeout_s=10)
+
+            def llm_idle() -> bool:
+                return _idle(llm.stats.remote().result(timeout_s=TIMEOUT_S))
+
+            assert wait_until(llm_idle, timeout_s=10.0)  # both long requests were aborted
             after = httpx.post(url, json=chat_body([user("Hi.")]), timeout=TIMEOUT_S)
             yield Overload(refused, burst, after)
 

@@ -12,6 +12,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import ray
+from ray import serve
+
+from deployments.app import build_app
 from internvl_core.serve_args import DeploymentOptions, ServeArgs
 
 FAST_SHUTDOWN_S = 0.5
@@ -31,13 +35,13 @@ def serve_cluster(*, num_cpus: int = 8, num_gpus: int = 4) -> Iterator[str]:
 
     Yields the base URL. Token auth is off for this local-only cluster (ray-serve-notes sec. 4).
     """
-    import ray
-    from ray import serve
-
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     port = free_port()
+    # "local": a plain ray.init() would join any cluster recorded in /tmp/ray by `ray start` or
+    # `ray.cluster_utils.Cluster` (another test or engineer on this machine).
     ray.init(
+        address="local",
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         include_dashboard=False,
@@ -84,10 +88,6 @@ def tiny_serve_args(model_path: Path, **overrides: Any) -> ServeArgs:
 @contextlib.contextmanager
 def deployed_app(args: ServeArgs, name: str) -> Iterator[None]:
     """`build_app(args)` running on route prefix "/" until the block ends, then deleted."""
-    from ray import serve
-
-    from deployments.app import build_app
-
     serve.run(build_app(args), name=name, route_prefix="/")
     try:
         yield

@@ -1,9 +1,5 @@
-"""Tests for the pipeline-parallel LLM replica (deployments/llm.py + stage.py) on a simulated
-multi-node Ray cluster: one stage actor per GPU bundle, answers equal to PP=1, a crashed stage
-replaced with its replica, and the 76b.yaml topology on the tiny checkpoint.
-
-The cluster (`ray.cluster_utils.Cluster`) has a CPU-only head and two 1-GPU nodes, so a PP=2
-replica must span both nodes; a 4-GPU node joins for the 76B topology. GPUs are logical.
+"""Tests for PP LLM replicas (deployments/llm.py, stage.py) on a simulated multi-node cluster: a
+stage per GPU bundle across nodes, answers equal to PP=1, stage-crash recovery, the 76b topology.
 """
 
 from __future__ import annotations
@@ -58,6 +54,8 @@ def _forget_cluster_address(address: str) -> None:
 
 @dataclass(frozen=True)
 class SimCluster:
+    """The simulated cluster (CPU-only head, 1-GPU nodes) and Serve's HTTP base URL."""
+
     cluster: Cluster
     url: str
 
@@ -109,19 +107,22 @@ def _replica(address: str, app_name: str, deployment: str) -> Any:
     return replica
 
 
+def _bundle(actor: Any, resource: str) -> int:
+    """The bundle an actor is pinned to: it requires `<resource>_group_<i>_<pg id>`."""
+    (index,) = [
+        int(key.split("_")[2])
+        for key in actor.required_resources
+        if key.startswith(f"{resource}_group_") and key.count("_") == 3
+    ]
+    return index
+
+
 def _stages(address: str, pg_id: str) -> dict[int, Any]:
     """Alive StageActors of one placement group by the bundle each is pinned to."""
-    by_bundle: dict[int, Any] = {}
-    for actor in _alive(address, "StageActor"):
-        if actor.placement_group_id != pg_id:
-            continue
-        # A task pinned to bundle i of a group requires `GPU_group_<i>_<pg id>`.
-        (bundle,) = [
-            int(key.split("_")[2])
-            for key, amount in actor.required_resources.items()
-            if key.startswith("GPU_group_") and key.count("_") == 3 and amount == 1
-        ]
-        by_bundle[bundle] = actor
+    stages = [a for a in _alive(address, "StageActor") if a.placement_group_id == pg_id]
+    by_bundle = {_bundle(actor, "GPU"): actor for actor in stages}
+    for index, actor in by_bundle.items():  # each holds its bundle's whole GPU
+        assert actor.required_resources[f"GPU_group_{index}_{pg_id}"] == 1
     return by_bundle
 
 
@@ -138,6 +139,7 @@ def _check_one_stage_per_bundle(
     assert sorted(stages) == list(range(pp_size))
     for index, actor in stages.items():
         assert actor.node_id == table["bundles_to_node_id"][index]
+    assert _bundle(replica, "CPU") == 0
     assert replica.node_id == table["bundles_to_node_id"][0]
     return pg_id, stages
 
@@ -287,7 +289,7 @@ def test_76b_topology_deploys_with_a_stage_per_bundle(
 ) -> None:
     """76b.yaml as written (PP=4, vision on its own GPU, its autoscaling and limits), with the
     tiny Llama checkpoint for the weights and CPU/KV knobs scaled down for this box."""
-    sim.cluster.add_node(num_cpus=2, num_gpus=4)  # one 4-GPU node next to two 1-GPU nodes
+    sim.cluster.add_node(num_cpus=2, num_gpus=8)  # an 8-GPU node next to two 1-GPU nodes
     sim.cluster.wait_for_nodes()
     (app_config,) = yaml.safe_load(CONFIG_76B.read_text())["applications"]
     raw = dict(app_config["args"])
@@ -304,7 +306,7 @@ def test_76b_topology_deploys_with_a_stage_per_bundle(
     serve.run(build_app(args), name=name, route_prefix="/")
     try:
         _, stages = _check_one_stage_per_bundle(sim.address, name, pp_size=4)
-        # The PACK strategy keeps all four stages on the one node that has four GPUs.
+        # PACK keeps the four stages on the one node with room for all of them (fast links).
         assert len({actor.node_id for actor in stages.values()}) == 1
         vision = _replica(sim.address, name, "VisionEncoder")
         assert vision.required_resources.get("GPU") == 1

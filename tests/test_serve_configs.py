@@ -1,8 +1,5 @@
-"""Tests for serve_configs/*.yaml through `deployments.app:build_app`, and for the graph's
-per-deployment autoscaling: vision and LLM replicas scale out independently of each other.
-
-The YAML tests build applications without deploying; the autoscaling test runs a local Ray
-cluster with logical GPUs and drives bounded HTTP load on 127.0.0.1.
+"""Tests for serve_configs/*.yaml through `build_app` (no deploy), and for per-deployment
+autoscaling: on a local cluster, vision and LLM replicas scale out each on its own load.
 """
 
 from __future__ import annotations
@@ -228,7 +225,12 @@ def _image_request(index: int) -> dict[str, Any]:
 
 def _text_request(index: int) -> dict[str, Any]:
     question = f"Tell a long story number {index}."
-    return {"model": "tiny", "messages": [{"role": "user", "content": question}], "max_tokens": 64}
+    return {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": 64,
+        "min_tokens": 64,
+    }
 
 
 async def _drive(

@@ -11,14 +11,17 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import ray
 import yaml
 from PIL import Image
 from pydantic import ValidationError
+from ray import serve
 from ray.serve import Application
 from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 from ray.serve._private.build_app import build_app as build_deployments
@@ -153,9 +156,6 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def serve_url() -> Iterator[str]:
     """A local Ray cluster with logical GPUs (one per vision or LLM replica) and Serve."""
-    import ray
-    from ray import serve
-
     os.environ["RAY_AUTH_MODE"] = "disabled"  # local-only cluster (ray-serve-notes sec. 4)
     ray.init(num_cpus=4, num_gpus=4, include_dashboard=False, log_to_driver=False)
     port = _free_port()
@@ -167,7 +167,7 @@ def serve_url() -> Iterator[str]:
         ray.shutdown()
 
 
-def _scaled(target: float, **overrides: Any) -> DeploymentOptions:
+def _scaled(target: float) -> DeploymentOptions:
     """1..2 replicas reacting within about a second (upscale at once, short windows)."""
     autoscaling = AutoscalingOptions(
         min_replicas=1,
@@ -178,7 +178,7 @@ def _scaled(target: float, **overrides: Any) -> DeploymentOptions:
         look_back_period_s=1,
         metrics_interval_s=0.2,
     )
-    return _fast(autoscaling=autoscaling, num_gpus=1, max_ongoing_requests=32, **overrides)
+    return _fast(autoscaling=autoscaling, num_gpus=1, max_ongoing_requests=32)
 
 
 def _fast(**overrides: Any) -> DeploymentOptions:
@@ -191,15 +191,24 @@ def _fast(**overrides: Any) -> DeploymentOptions:
     return DeploymentOptions(**{**values, **overrides})
 
 
-def _replicas(app_name: str) -> dict[str, int]:
-    """Replicas per deployment that are running or starting (stopping ones excluded)."""
-    from ray import serve
+@dataclass
+class ReplicaPeaks:
+    """Largest replica counts seen per deployment: starting or running, and running."""
 
+    active: dict[str, int] = field(default_factory=dict)
+    running: dict[str, int] = field(default_factory=dict)
+
+    def add(self, states: dict[str, dict[str, int]]) -> None:
+        for name, counts in states.items():
+            active = sum(n for state, n in counts.items() if state != "STOPPING")
+            self.active[name] = max(self.active.get(name, 0), active)
+            self.running[name] = max(self.running.get(name, 0), counts.get("RUNNING", 0))
+
+
+def _replica_states(app_name: str) -> dict[str, dict[str, int]]:
+    """Replica count per state (STARTING, RUNNING, STOPPING, ...) for each deployment."""
     deployments = serve.status().applications[app_name].deployments
-    return {
-        name: sum(n for state, n in d.replica_states.items() if state != "STOPPING")
-        for name, d in deployments.items()
-    } | {f"{name}:running": d.replica_states.get("RUNNING", 0) for name, d in deployments.items()}
+    return {name: dict(d.replica_states) for name, d in deployments.items()}
 
 
 def _png_data_url(index: int) -> str:
@@ -262,26 +271,34 @@ async def _load_and_watch(
     *,
     concurrency: int,
     scaled: str,
-) -> tuple[list[int], dict[str, int]]:
-    """Drive load until `scaled` has 2 running replicas; returns statuses and the largest replica
-    count seen per deployment meanwhile."""
-    peak: dict[str, int] = {}
-    reached = False
+) -> tuple[list[int], ReplicaPeaks]:
+    """Drive load until `scaled` has 2 running replicas; returns the statuses and the replica
+    counts seen meanwhile."""
+    peaks = ReplicaPeaks()
+
+    def reached() -> bool:
+        return peaks.running.get(scaled, 0) >= 2
 
     async def watch() -> None:
-        nonlocal reached
         deadline = time.monotonic() + PHASE_TIMEOUT_S
-        while not reached and time.monotonic() < deadline:
-            counts = await asyncio.to_thread(_replicas, app_name)
-            for name, count in counts.items():
-                peak[name] = max(peak.get(name, 0), count)
-            reached = counts[f"{scaled}:running"] >= 2
+        while not reached() and time.monotonic() < deadline:
+            peaks.add(await asyncio.to_thread(_replica_states, app_name))
             await asyncio.sleep(0.25)
 
     statuses, _ = await asyncio.gather(
-        _drive(url, make_request, concurrency=concurrency, done=lambda: reached), watch()
+        _drive(url, make_request, concurrency=concurrency, done=reached), watch()
     )
-    return statuses, peak
+    return statuses, peaks
+
+
+def _wait_for_replicas(app_name: str, deployment: str, count: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        counts = _replica_states(app_name)[deployment]
+        if sum(n for state, n in counts.items() if state != "STOPPING") == count:
+            return True
+        time.sleep(0.25)
+    return False
 
 
 @pytest.mark.serve
@@ -289,8 +306,6 @@ async def _load_and_watch(
 def test_vision_and_llm_scale_independently(
     serve_url: str, tiny_checkpoint: Callable[..., Path]
 ) -> None:
-    from ray import serve
-
     checkpoint = tiny_checkpoint("qwen2", num_vit_layers=VIT_LAYERS)
     args = ServeArgs(
         model_path=str(checkpoint),
@@ -298,29 +313,29 @@ def test_vision_and_llm_scale_independently(
         dtype="float32",
         ingress=_fast(max_ongoing_requests=64),
         preprocess=_fast(max_ongoing_requests=32),
-        vision_encoder=_scaled(target=2),
+        vision_encoder=_scaled(target=2),  # the same policy for both pools
         llm=_scaled(target=2),
     )
     app_name = "autoscaling"
     serve.run(build_app(args), name=app_name, route_prefix="/")
     try:
-        statuses, peak = asyncio.run(
+        # Image-heavy, one output token: the vision pool queues, the LLM keeps up.
+        statuses, peaks = asyncio.run(
             _load_and_watch(
                 serve_url, app_name, _image_request, concurrency=12, scaled="VisionEncoder"
             )
         )
-        assert peak["VisionEncoder:running"] == 2
-        assert peak["LLM"] == 1
+        assert peaks.running["VisionEncoder"] == 2
+        assert peaks.active["LLM"] == 1
         assert set(statuses) == {200}
-        # The idle vision pool goes back to its minimum before the text-only load.
-        deadline = time.monotonic() + 30
-        while _replicas(app_name)["VisionEncoder"] > 1 and time.monotonic() < deadline:
-            time.sleep(0.25)
-        statuses, peak = asyncio.run(
+        # Idle again, the vision pool returns to its minimum.
+        assert _wait_for_replicas(app_name, "VisionEncoder", 1, timeout_s=30)
+        # Text only, long outputs: the LLM scales out, the vision pool is never called.
+        statuses, peaks = asyncio.run(
             _load_and_watch(serve_url, app_name, _text_request, concurrency=8, scaled="LLM")
         )
-        assert peak["LLM:running"] == 2
-        assert peak["VisionEncoder"] == 1
+        assert peaks.running["LLM"] == 2
+        assert peaks.active["VisionEncoder"] == 1
         assert set(statuses) == {200}
     finally:
         serve.delete(app_name)

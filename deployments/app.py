@@ -14,6 +14,7 @@ import ray
 import torch
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import BackpressureConfig
 
 from deployments.ingress import IngressDeployment
 from deployments.llm import LLMDeployment
@@ -46,6 +47,7 @@ def deployment_options(option: DeploymentOptions, name: str, *, num_gpus: float)
         "health_check_period_s": option.health_check_period_s,
         "health_check_timeout_s": option.health_check_timeout_s,
         "graceful_shutdown_timeout_s": option.graceful_shutdown_timeout_s,
+        "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=1),
         "ray_actor_options": {"num_cpus": option.num_cpus, "num_gpus": num_gpus},
     }
     if option.autoscaling is not None:
@@ -100,10 +102,15 @@ def build_app(args: ServeArgs) -> Application:
         .bind(args)
     )
     llm = serve.deployment(LLMDeployment).options(**llm_options(args, has_gpus)).bind(args)
+    # The ingress admits `max_ongoing_requests` chats itself and answers the rest with its own
+    # OpenAI-style 503 + Retry-After; Serve's cap sits above it (headroom for /health,
+    # /v1/models and the refusals), so the proxy's plain-text backpressure is the last resort.
     max_inflight = args.ingress.max_ongoing_requests
+    ingress_options = deployment_options(args.ingress, "Ingress", num_gpus=0)
+    ingress_options["max_ongoing_requests"] = max_inflight + max(16, max_inflight // 4)
     return (
         serve.deployment(IngressDeployment)
-        .options(**deployment_options(args.ingress, "Ingress", num_gpus=0))
+        .options(**ingress_options)
         .bind(
             preprocess,
             vision,

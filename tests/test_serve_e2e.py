@@ -132,15 +132,17 @@ BAD_REQUESTS = [  # (body, status, error type, param, a fragment of the message)
     pytest.param(chat_body([user("x")], max_tokens=MAX_MODEL_LEN), 400, TOO_LONG, "messages",
                  f"max_tokens {MAX_MODEL_LEN}", id="max-tokens-too-large"),
     pytest.param(chat_body([user(_url_part("http://10.1.2.3/cat.png"), "x")]), 400,
-                 "invalid_media", None, "blocked (private)", id="private-ip"),
+                 "invalid_media", "messages[0].content[0].image_url.url", "blocked (private)",
+                 id="private-ip"),
     pytest.param(chat_body([user(_url_part("http://169.254.169.254/latest/meta-data"), "x")]),
-                 400, "invalid_media", None, "blocked (private)", id="metadata-ip"),
+                 400, "invalid_media", "messages[0].content[0].image_url.url",
+                 "blocked (private)", id="metadata-ip"),
     pytest.param(chat_body([user(*[_url_part("data:image/png;base64,AA==")] * 5, "x")]), 400,
                  INVALID, "messages", f"max_images_per_request is {MAX_IMAGES}",
                  id="too-many-images"),
     pytest.param(chat_body([user(_url_part(data_url(bytes(2 * MAX_IMAGE_BYTES))), "x")]), 413,
-                 "payload_too_large", None, f"limit is {MAX_IMAGE_BYTES}",
-                 id="oversized-data-url"),
+                 "payload_too_large", "messages[0].content[0].image_url.url",
+                 f"limit is {MAX_IMAGE_BYTES}", id="oversized-data-url"),
 ]
 # fmt: on
 
@@ -425,7 +427,7 @@ def overload_args(path: Path) -> ServeArgs:
 
 async def overload_scenario(url: str) -> tuple[httpx.Response, list[httpx.Response]]:
     """A runs in the LLM, B waits in the LLM's queue (both hold an ingress slot); then C finds
-    the LLM queue full, and a burst also overflows the ingress's queue at the proxy."""
+    the LLM queue full, and a burst runs into the ingress's admission limit."""
     long = chat_body([user("Go on.")], max_tokens=2000, min_tokens=2000, stream=True)
     short = chat_body([user("Hi.")], max_tokens=4)
     async with httpx.AsyncClient(timeout=TIMEOUT_S) as client:

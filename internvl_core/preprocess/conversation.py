@@ -32,6 +32,7 @@ class MediaItem:
     detail: Literal["auto", "low", "high"] = "auto"
     num_segments: int = DEFAULT_NUM_SEGMENTS
     bound: tuple[float, float] | None = None
+    location: str = ""  # the request field it came from, named in errors
 
     @property
     def num_placeholders(self) -> int:
@@ -48,13 +49,16 @@ class ConversationPlan:
     media: list[MediaItem] = field(default_factory=list)
 
 
-def _media_item(part: ImagePart | VideoPart, request_max_tiles: int | None) -> MediaItem:
+def _media_item(
+    part: ImagePart | VideoPart, request_max_tiles: int | None, location: str
+) -> MediaItem:
     if isinstance(part, ImagePart):
         return MediaItem(
             kind="image",
             url=part.image_url.url,
             max_tiles=part.image_url.max_dynamic_patch or request_max_tiles,
             detail=part.image_url.detail,
+            location=f"{location}.image_url.url",
         )
     video = part.video_url
     return MediaItem(
@@ -63,6 +67,7 @@ def _media_item(part: ImagePart | VideoPart, request_max_tiles: int | None) -> M
         max_tiles=video.max_dynamic_patch,
         num_segments=video.num_segments or DEFAULT_NUM_SEGMENTS,
         bound=video.bound,
+        location=f"{location}.video_url.url",
     )
 
 
@@ -76,7 +81,9 @@ def _user_text(
         return message.content, []
     texts = [p.text for p in message.content if isinstance(p, TextPart)]
     media = [
-        _media_item(p, request_max_tiles) for p in message.content if not isinstance(p, TextPart)
+        _media_item(p, request_max_tiles, f"messages[{index}].content[{j}]")
+        for j, p in enumerate(message.content)
+        if not isinstance(p, TextPart)
     ]
     text = "\n".join(texts)
     needed = sum(m.num_placeholders for m in media)

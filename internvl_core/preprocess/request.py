@@ -22,6 +22,7 @@ from PIL import Image
 from internvl_core.config import EngineConfig, ModelArchitecture, SamplingParams
 from internvl_core.errors import (
     ContextLengthError,
+    InternVLError,
     InvalidRequestError,
     MediaError,
     PayloadTooLargeError,
@@ -197,6 +198,14 @@ class RequestPreparer:
         return TilingConfig.from_architecture(self.arch, max_num=max_num)
 
     async def _load_media(self, item: MediaItem) -> list[PreparedImage]:
+        try:
+            return await self._fetch_and_decode(item)
+        except InternVLError as e:
+            if e.param is None:  # name the offending part, e.g. messages[0].content[1]...
+                e.param = item.location or None
+            raise
+
+    async def _fetch_and_decode(self, item: MediaItem) -> list[PreparedImage]:
         if item.kind == "image":
             data = await self.fetcher.fetch(item.url, self.limits.max_image_bytes)
             image = await asyncio.to_thread(self._decode_image, data, self._tiling(item))

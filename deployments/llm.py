@@ -16,7 +16,12 @@ from typing import Any
 from deployments.device import resolve_device
 from deployments.events import EmbeddingPayload, GenerationEvent
 from deployments.metrics import EngineMetrics
-from deployments.stage import STAGE_PING_TIMEOUT_S, RayStageWorker, build_pipeline_engine
+from deployments.stage import (
+    STAGE_PING_TIMEOUT_S,
+    RayStageWorker,
+    build_pipeline_engine,
+    kept_tokens,
+)
 from internvl_core.engine import AsyncLLMEngine, LLMEngine
 from internvl_core.preprocess.request import PreparedRequest
 from internvl_core.serve_args import ServeArgs
@@ -38,6 +43,7 @@ class LLMDeployment:
                 dtype=dtype,
                 device=device,
                 quantization=args.quantization,
+                keep_special_tokens=kept_tokens(args),
             )
         else:
             engine, self.stages = build_pipeline_engine(args, dtype=dtype)

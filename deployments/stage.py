@@ -18,6 +18,7 @@ from deployments.device import resolve_device
 from internvl_core.config import EngineConfig
 from internvl_core.engine import LLMEngine, ModelRunner
 from internvl_core.engine.batch import ScheduledBatch, StageOutput
+from internvl_core.grounding import GROUNDING_TOKENS
 from internvl_core.model.decoder import DecoderModel
 from internvl_core.serve_args import ServeArgs
 
@@ -83,6 +84,11 @@ class RayStageWorker:
         ray.get(self.actor.ping.remote(), timeout=STAGE_PING_TIMEOUT_S)
 
 
+def kept_tokens(args: ServeArgs) -> tuple[str, ...]:
+    """Special tokens the served text keeps (grounding tags, like the original demo)."""
+    return GROUNDING_TOKENS if args.keep_grounding_tokens else ()
+
+
 def build_pipeline_engine(args: ServeArgs, *, dtype: Any) -> tuple[LLMEngine, list[RayStageWorker]]:
     """The replica's engine with one StageActor per bundle of its placement group.
 
@@ -112,5 +118,6 @@ def build_pipeline_engine(args: ServeArgs, *, dtype: Any) -> tuple[LLMEngine, li
         args.engine,
         quantization=args.quantization,
         stage_factory=make_stage,
+        keep_special_tokens=kept_tokens(args),
     )
     return engine, workers

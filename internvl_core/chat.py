@@ -18,6 +18,7 @@ import torch
 from internvl_core.config import EngineConfig, ModelArchitecture, SamplingParams
 from internvl_core.engine import LLMEngine
 from internvl_core.errors import InvalidRequestError
+from internvl_core.grounding import GROUNDING_TOKENS
 from internvl_core.preprocess.image import TilingConfig, load_image
 from internvl_core.preprocess.prompt import (
     IMAGE_PLACEHOLDER,
@@ -99,18 +100,31 @@ class InternVLChat:
         load_in_4bit: bool = False,
         system_message: str | None = None,
         engine_config: EngineConfig | None = None,
+        keep_grounding_tokens: bool = False,
     ) -> InternVLChat:
-        """Load vision tower, decoder and tokenizer from an original checkpoint folder."""
+        """Load vision tower, decoder and tokenizer from an original checkpoint folder.
+
+        `keep_grounding_tokens` keeps `<ref>`/`<box>` tags in answers as the original demo does
+        (and the server by default); the original chat() strips them.
+        """
         torch_dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
         if load_in_8bit and load_in_4bit:
             raise InvalidRequestError("load_in_8bit and load_in_4bit are exclusive")
         quantization = "8bit" if load_in_8bit else "4bit" if load_in_4bit else None
         arch = ModelArchitecture.from_checkpoint(path)
+        kept = GROUNDING_TOKENS if keep_grounding_tokens else ()
         tokenizer = load_tokenizer(path)
+        if kept:
+            tokenizer = tokenizer.with_kept_special_tokens(kept)
         vision = VisionEncoder.from_checkpoint(path, dtype=torch_dtype, device=device, arch=arch)
         config = engine_config or EngineConfig(max_model_len=arch.llm.max_position_embeddings)
         engine = LLMEngine.from_checkpoint(
-            path, config, dtype=torch_dtype, device=device, quantization=quantization
+            path,
+            config,
+            dtype=torch_dtype,
+            device=device,
+            quantization=quantization,
+            keep_special_tokens=kept,
         )
         return cls(arch, tokenizer, vision, engine, system_message=system_message)
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import re
 
+# The demo worker removes these from the special tokens so they survive skip_special_tokens.
+GROUNDING_TOKENS = ("<ref>", "</ref>", "<box>", "</box>")
+
 _PAIR = re.compile(r"(?:<ref>(?P<ref>.*?)</ref>\s*)?<box>(?P<boxes>.*?)</box>", re.DOTALL)
 _BOX = re.compile(r"\[\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*\]")
 

@@ -99,6 +99,10 @@ class ServeArgs(BaseModel):
         default_factory=lambda: SamplingParams(max_tokens=512),
         description="defaults a request's fields override",
     )
+    keep_grounding_tokens: bool = Field(
+        default=True,
+        description="answers keep <ref>/<box> tags (as the original demo) and carry parsed boxes",
+    )
     stream_interval_s: float = Field(
         default=0.02, ge=0, description="SSE: steps arriving within this interval share a chunk"
     )

@@ -177,3 +177,16 @@ def test_quantized_and_bf16_loads_chat(tiny_qwen2: Path, kwargs: dict) -> None:
     pixels = model.load_image(_image(90, 90, 7), max_num=2)
     response = model.chat(pixels, "Describe.", {"max_new_tokens": 8, "do_sample": False})
     assert isinstance(response, str)
+
+
+def test_grounding_tokens_kept_only_when_asked(tiny_qwen2: Path) -> None:
+    from internvl_core.engine.detokenizer import IncrementalDetokenizer
+
+    text = "<ref>cat</ref><box>[[1, 2, 3, 4]]</box>"
+    kept = InternVLChat.from_pretrained(tiny_qwen2, dtype="float32", keep_grounding_tokens=True)
+    ids = kept.tokenizer.encode(text, add_special_tokens=False)
+    assert kept.engine.tokenizer.decode(ids, skip_special_tokens=True) == text
+    stream = IncrementalDetokenizer(kept.engine.tokenizer, [], skip_special_tokens=True)
+    assert "".join(stream.append(i) for i in ids) + stream.flush() == text
+    plain = InternVLChat.from_pretrained(tiny_qwen2, dtype="float32")
+    assert plain.tokenizer.decode(ids, skip_special_tokens=True) == "cat[[1, 2, 3, 4]]"

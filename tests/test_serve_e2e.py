@@ -79,7 +79,7 @@ def cluster_url() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def offline(tiny_qwen2: Path) -> InternVLChat:
-    return InternVLChat.from_pretrained(tiny_qwen2, dtype="float32")
+    return InternVLChat.from_pretrained(tiny_qwen2, dtype="float32", keep_grounding_tokens=True)
 
 
 def _graph(url: str, name: str, args: ServeArgs) -> Graph:
@@ -293,7 +293,9 @@ class TestGraph:
 
     def test_system_message(self, graph: Graph, tiny_qwen2: Path) -> None:
         system = "You answer in one word."
-        model = InternVLChat.from_pretrained(tiny_qwen2, dtype="float32", system_message=system)
+        model = InternVLChat.from_pretrained(
+            tiny_qwen2, dtype="float32", system_message=system, keep_grounding_tokens=True
+        )
         messages = [{"role": "system", "content": system}, {"role": "user", "content": "Why?"}]
         assert_greedy_equal(graph, chat_body(messages), model.chat(None, "Why?", GEN))
 

@@ -109,15 +109,19 @@ class LLMEngine:
         quantization: Literal["8bit", "4bit"] | None = None,
         eos_token_ids: tuple[int, ...] | None = None,
         stage_factory: Callable[[int, int, int], StageWorker] | None = None,
+        keep_special_tokens: tuple[str, ...] = (),
     ) -> LLMEngine:
         """Build `config.pp_size` stages (layers split evenly) from an original folder.
 
         Stages are in-process unless `stage_factory(stage_index, start_layer, end_layer)` builds
         them (the Serve LLM replica passes one that creates Ray actors on its bundles).
         eos defaults to the template separator id looked up in the checkpoint's tokenizer.
+        `keep_special_tokens` survive skip_special_tokens in the text (the demo's grounding tags).
         """
         arch = ModelArchitecture.from_checkpoint(path)
         tokenizer = load_tokenizer(path)
+        if keep_special_tokens:
+            tokenizer = tokenizer.with_kept_special_tokens(keep_special_tokens)
         pipeline = build_pipeline(
             path,
             config,

@@ -77,7 +77,7 @@ class GuardedResolver(AbstractResolver):
         await self._inner.close()
 
 
-def decode_data_url(url: str, max_bytes: int) -> bytes:
+def decode_data_url(url: str, max_bytes: int, *, limit_name: str = "max_bytes") -> bytes:
     """`data:[mime][;base64],payload` -> bytes; size checked before decoding."""
     header, sep, payload = url[5:].partition(",")
     if not sep:
@@ -85,7 +85,8 @@ def decode_data_url(url: str, max_bytes: int) -> bytes:
     if header.endswith(";base64"):
         if len(payload) * 3 // 4 > max_bytes:
             raise PayloadTooLargeError(
-                f"data: URL decodes to about {len(payload) * 3 // 4} bytes; limit is {max_bytes}"
+                f"data: URL decodes to about {len(payload) * 3 // 4} bytes; "
+                f"{limit_name} limit is {max_bytes}"
             )
         try:
             return base64.b64decode(payload, validate=True)
@@ -93,7 +94,9 @@ def decode_data_url(url: str, max_bytes: int) -> bytes:
             raise MediaError(f"data: URL has invalid base64: {e}") from e
     data = unquote_to_bytes(payload)
     if len(data) > max_bytes:
-        raise PayloadTooLargeError(f"data: URL has {len(data)} bytes; limit is {max_bytes}")
+        raise PayloadTooLargeError(
+            f"data: URL has {len(data)} bytes; {limit_name} limit is {max_bytes}"
+        )
     return data
 
 
@@ -125,23 +128,24 @@ class MediaFetcher:
         if self._session is not None:
             await self._session.close()
 
-    async def fetch(self, url: str, max_bytes: int) -> bytes:
-        """Bytes of a data:, http(s):, file: URL or allow-listed path; errors name the limit."""
+    async def fetch(self, url: str, max_bytes: int, *, limit_name: str = "max_bytes") -> bytes:
+        """Bytes of a data:, http(s):, file: URL or allow-listed path; size errors name
+        `limit_name` (the knob that sets `max_bytes`) and its value."""
         if url.startswith("data:"):
-            return decode_data_url(url, max_bytes)
+            return decode_data_url(url, max_bytes, limit_name=limit_name)
         scheme = urlsplit(url).scheme.lower()
         if scheme in ("http", "https"):
             async with self._semaphore:
-                data = await self._fetch_http(url, max_bytes)
+                data = await self._fetch_http(url, max_bytes, limit_name)
             self.bytes_fetched += len(data)
             return data
         if scheme in ("file", "") and self.limits.local_media_dir is not None:
-            return self._read_local(url, max_bytes)
+            return self._read_local(url, max_bytes, limit_name)
         raise MediaError(
             f"media URL scheme {scheme or 'path'!r} is not allowed; use https://, http:// or data:"
         )
 
-    def _read_local(self, url: str, max_bytes: int) -> bytes:
+    def _read_local(self, url: str, max_bytes: int, limit_name: str) -> bytes:
         root = Path(self.limits.local_media_dir or "").resolve()
         path = Path(urlsplit(url).path if url.startswith("file:") else url).resolve()
         if not path.is_relative_to(root):
@@ -150,7 +154,7 @@ class MediaFetcher:
             raise MediaError(f"local media file {path.name!r} does not exist")
         if path.stat().st_size > max_bytes:
             raise PayloadTooLargeError(
-                f"media file has {path.stat().st_size} bytes; limit is {max_bytes}"
+                f"media file has {path.stat().st_size} bytes; {limit_name} limit is {max_bytes}"
             )
         return path.read_bytes()
 
@@ -169,7 +173,7 @@ class MediaFetcher:
         if is_blocked_address(str(literal), self._trusted):
             raise MediaError(f"media host {host!r} is a blocked (private) address")
 
-    async def _fetch_http(self, url: str, max_bytes: int) -> bytes:
+    async def _fetch_http(self, url: str, max_bytes: int, limit_name: str) -> bytes:
         session = self._get_session()
         for _ in range(MAX_REDIRECTS + 1):
             self._check_host(url)
@@ -180,7 +184,7 @@ class MediaFetcher:
                         continue
                     if resp.status != 200:
                         raise MediaError(f"fetching media returned HTTP {resp.status}")
-                    return await _read_limited(resp, max_bytes)
+                    return await _read_limited(resp, max_bytes, limit_name)
             except TimeoutError as e:
                 raise MediaError(
                     f"fetching media timed out after {self.limits.fetch_timeout_s} s "
@@ -191,14 +195,16 @@ class MediaFetcher:
         raise MediaError(f"media URL redirected more than {MAX_REDIRECTS} times")
 
 
-async def _read_limited(resp: Any, max_bytes: int) -> bytes:
+async def _read_limited(resp: Any, max_bytes: int, limit_name: str) -> bytes:
     declared = resp.content_length
     if declared is not None and declared > max_bytes:
-        raise PayloadTooLargeError(f"media has {declared} bytes; limit is {max_bytes}")
+        raise PayloadTooLargeError(f"media has {declared} bytes; {limit_name} limit is {max_bytes}")
     chunks, total = [], 0
     async for chunk in resp.content.iter_chunked(_CHUNK):
         total += len(chunk)
         if total > max_bytes:
-            raise PayloadTooLargeError(f"media is larger than the limit of {max_bytes} bytes")
+            raise PayloadTooLargeError(
+                f"media is larger than {max_bytes} bytes; {limit_name} limit is {max_bytes}"
+            )
         chunks.append(chunk)
     return b"".join(chunks)

@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 ALLOWED_IMAGE_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
 MAX_BOUND_S = 100_000.0
+_GENERIC_PARAMS = frozenset({"image", "image_url", "video"})
 
 
 @dataclass(slots=True)
@@ -201,16 +202,22 @@ class RequestPreparer:
         try:
             return await self._fetch_and_decode(item)
         except InternVLError as e:
-            if e.param is None:  # name the offending part, e.g. messages[0].content[1]...
+            # Name the offending part (messages[0].content[1].image_url.url) where the error has
+            # no param or only the decoders' generic "image"/"video"; keep specific ones (bound).
+            if e.param is None or e.param in _GENERIC_PARAMS:
                 e.param = item.location or None
             raise
 
     async def _fetch_and_decode(self, item: MediaItem) -> list[PreparedImage]:
         if item.kind == "image":
-            data = await self.fetcher.fetch(item.url, self.limits.max_image_bytes)
+            data = await self.fetcher.fetch(
+                item.url, self.limits.max_image_bytes, limit_name="max_image_bytes"
+            )
             image = await asyncio.to_thread(self._decode_image, data, self._tiling(item))
             return [image]
-        data = await self.fetcher.fetch(item.url, self.limits.max_video_bytes)
+        data = await self.fetcher.fetch(
+            item.url, self.limits.max_video_bytes, limit_name="max_video_bytes"
+        )
         return await asyncio.to_thread(self._decode_video, data, item)
 
     def _decode_image(self, data: bytes, tiling: TilingConfig) -> PreparedImage:
@@ -220,8 +227,7 @@ class RequestPreparer:
             # PIL's own guard refuses huge headers (e.g. 30000x30000) inside open().
             raise PayloadTooLargeError(
                 f"image is over the decoder's pixel limit ({e}); max_image_pixels is "
-                f"{self.limits.max_image_pixels}",
-                param="image_url",
+                f"{self.limits.max_image_pixels}"
             ) from e
         except Exception as e:  # PIL raises many types for garbage input
             raise MediaError(f"image could not be decoded: {type(e).__name__}: {e}") from e

@@ -1,0 +1,584 @@
+"""Media over HTTP against the running Serve graph (tiny Qwen2, CPU): embedding reuse by content
+hash, tile and token budgets, hostile inputs refused in bounded time with OpenAI error JSON, and
+1,000+ hypothesis-generated request bodies that never get a 5xx or hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import math
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from ray import serve
+
+from internvl_core.chat import InternVLChat
+from internvl_core.config import EngineConfig, ModelArchitecture, SamplingParams
+from internvl_core.preprocess.prompt import build_query, expand_image_placeholders, get_template
+from internvl_core.serve_args import MediaLimits
+from internvl_core.tokenizer import Tokenizer, load_tokenizer
+from tests import media_factory as mf
+from tests.serve_fixtures import deployed_app, serve_cluster, tiny_serve_args, wait_until
+
+pytestmark = [pytest.mark.serve, pytest.mark.slow]
+logger = logging.getLogger(__name__)
+
+Body = dict[str, Any]
+MODEL, APP = "internvl2-tiny-media", "media"
+MAX_NEW, MAX_MODEL_LEN = 4, 512
+MAX_IMAGE_BYTES, MAX_IMAGES, MAX_TILES = 200_000, 8, 16
+FETCH_TIMEOUT_S, TIMEOUT_S = 1.0, 30.0
+GEN = {"max_new_tokens": MAX_NEW, "do_sample": False}
+ERROR_KEYS = {"message", "type", "param", "code"}
+PART0 = "messages[0].content[0]"
+METADATA = "http://169.254.169.254/latest/meta-data/"
+
+
+@functools.cache
+def png(name: str) -> bytes:
+    """Test images: 'ok' (60x40), 'reuse' (150x90), 'wide' (168x112: 3/5/7 tiles at 2/4/12)."""
+    width, height, seed = {"ok": (60, 40, 1), "reuse": (150, 90, 21), "wide": (168, 112, 31)}[name]
+    return mf.png_bytes(width, height, seed=seed)
+
+
+# ---- a local media host on 127.0.0.1 (trusted by this app only) and 127.0.0.2 (not) ---------
+
+
+@dataclass
+class MediaServer:
+    """Serves test media on both loopback addresses (one port); counts hits as 'ip/path'."""
+
+    port: int = 0
+    hits: Counter[str] = field(default_factory=Counter)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        local_ip = request.transport.get_extra_info("sockname")[0]  # type: ignore[union-attr]
+        self.hits[f"{local_ip}{request.path}"] += 1
+        if request.path == "/redirect":
+            raise web.HTTPFound(request.query["to"].replace("PORT", str(self.port)))
+        if request.path == "/slow":
+            await asyncio.sleep(3 * FETCH_TIMEOUT_S)
+        if request.path == "/big-chunked":  # no Content-Length: the limit holds while streaming
+            resp = web.StreamResponse()
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            for _ in range(2 * MAX_IMAGE_BYTES // 10_000):
+                await resp.write(bytes(10_000))
+            return resp
+        bodies = {"/reuse.png": png("reuse"), "/big": bytes(2 * MAX_IMAGE_BYTES)}
+        return web.Response(body=bodies.get(request.path, png("ok")), content_type="image/png")
+
+    async def start(self) -> web.AppRunner:
+        app = web.Application()
+        app.router.add_get("/{path:.*}", self.handle)
+        runner = web.AppRunner(app, shutdown_timeout=0.5)
+        await runner.setup()
+        first = web.TCPSite(runner, "127.0.0.1", 0, shutdown_timeout=0.5)
+        await first.start()
+        self.port = first._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        await web.TCPSite(runner, "127.0.0.2", self.port, shutdown_timeout=0.5).start()
+        return runner
+
+
+@pytest.fixture(scope="module")
+def media_server() -> Iterator[MediaServer]:
+    """The media host on its own thread and loop, so it answers while a test blocks."""
+    server, loop = MediaServer(), asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="media-server", daemon=True)
+    thread.start()
+    runner = asyncio.run_coroutine_threadsafe(server.start(), loop).result(10)
+    yield server
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    loop.close()
+
+
+# ---- the app -----------------------------------------------------------------------------
+
+
+@dataclass
+class Graph:
+    """The deployed app, its media host, and what counts prompt tokens offline."""
+
+    url: str
+    media: MediaServer
+    arch: ModelArchitecture
+    tokenizer: Tokenizer
+
+    def post(self, body: Body) -> tuple[httpx.Response, float]:
+        """POST /v1/chat/completions; the response and its wall time in seconds."""
+        start = time.perf_counter()
+        response = httpx.post(f"{self.url}/v1/chat/completions", json=body, timeout=TIMEOUT_S)
+        return response, time.perf_counter() - start
+
+    def answer(self, body: Body) -> str:
+        response, _ = self.post(body)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["message"]["content"]
+
+    def stats(self, deployment: str) -> dict[str, Any]:
+        handle = serve.get_deployment_handle(deployment, app_name=APP)
+        return handle.stats.remote().result(timeout_s=TIMEOUT_S)
+
+    def vision_counts(self) -> tuple[int, int]:
+        """(tiles the VisionEncoder has encoded, its embedding-cache hits)."""
+        stats = self.stats("VisionEncoder")
+        return stats["encoded_tiles"], stats["cache_hits"]
+
+    def prompt_tokens(self, question: str, tiles: list[int]) -> int:
+        """Token count of chat()'s prompt for `question` with images of `tiles` tiles each."""
+        query = build_query(get_template(self.arch.template), question)
+        query = expand_image_placeholders(query, tiles, self.arch.num_image_token)
+        return len(self.tokenizer.encode(query))
+
+
+@pytest.fixture(scope="module")
+def graph(tiny_qwen2: Path, media_server: MediaServer) -> Iterator[Graph]:
+    limits = MediaLimits(
+        trusted_networks=("127.0.0.1/32",),  # the media host, for this app only
+        fetch_timeout_s=FETCH_TIMEOUT_S,
+        max_image_bytes=MAX_IMAGE_BYTES,
+        max_images_per_request=MAX_IMAGES,
+        max_tiles_per_request=MAX_TILES,
+    )
+    args = tiny_serve_args(
+        tiny_qwen2,
+        served_model_name=MODEL,
+        engine=EngineConfig(max_model_len=MAX_MODEL_LEN, num_kv_blocks=512, max_num_seqs=32),
+        media=limits,
+        default_sampling=SamplingParams(max_tokens=MAX_NEW),
+    )
+    arch, tokenizer = ModelArchitecture.from_checkpoint(tiny_qwen2), load_tokenizer(tiny_qwen2)
+    with serve_cluster(num_cpus=8, num_gpus=2) as url, deployed_app(args, APP):
+        yield Graph(url, media_server, arch, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_qwen2: Path) -> InternVLChat:
+    return InternVLChat.from_pretrained(tiny_qwen2, dtype="float32")
+
+
+def chat_body(*parts: Body | str, **fields: Any) -> Body:
+    content = [{"type": "text", "text": p} if isinstance(p, str) else p for p in parts]
+    return {"model": MODEL, "messages": [{"role": "user", "content": content}], **fields}
+
+
+def image(url: str, **extra: Any) -> Body:
+    return {"type": "image_url", "image_url": {"url": url, **extra}}
+
+
+def assert_error(response: httpx.Response, status: int, kind: str, fragment: str) -> Body:
+    """An OpenAI error body with this status and type whose message holds `fragment`."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == ERROR_KEYS and (error["type"], error["code"]) == (kind, kind)
+    assert fragment in error["message"], error["message"]
+    return error
+
+
+# ---- 1. embedding reuse ------------------------------------------------------------------
+
+
+def test_same_image_in_two_requests_is_encoded_once(graph: Graph, offline: InternVLChat) -> None:
+    """By data: URL, then the same bytes from the media host: the cache keys on content."""
+    pixels = offline.load_image(png("reuse"))  # [tiles, 3, S, S]
+    before = graph.vision_counts()
+    first = graph.answer(chat_body(image(mf.data_url(png("reuse"))), "Describe."))
+    middle = graph.vision_counts()
+    second = graph.answer(chat_body(image(graph.media.url("/reuse.png")), "Describe."))
+    assert middle == (before[0] + pixels.shape[0], before[1])
+    assert graph.vision_counts() == (middle[0], middle[1] + 1)  # a cache hit, no tile encoded
+    assert second == first and first.strip() == offline.chat(pixels, "Describe.", GEN)
+
+
+def test_same_image_twice_in_one_request_is_encoded_once(
+    graph: Graph, offline: InternVLChat
+) -> None:
+    data = mf.png_bytes(168, 112, seed=22)
+    pixels = offline.load_image(data)  # [tiles, 3, S, S]
+    body = chat_body(image(mf.data_url(data)), image(mf.data_url(data)), "Compare.")
+    before = graph.vision_counts()
+    first = graph.answer(body)
+    middle = graph.vision_counts()
+    assert middle == (before[0] + pixels.shape[0], before[1])  # once, not twice
+    assert graph.answer(body) == first
+    assert graph.vision_counts() == (middle[0], middle[1] + 2)
+    both, n = torch.cat([pixels, pixels]), pixels.shape[0]  # [2 * tiles, 3, S, S]
+    question = "Image-1: <image>\nImage-2: <image>\nCompare."
+    assert first.strip() == offline.chat(both, question, GEN, num_patches_list=[n, n])
+
+
+# ---- 2. tile and token budgets -----------------------------------------------------------
+
+# (request fields, [(image, its part's extra fields, the max_num it must be tiled with)])
+# fmt: off
+TILE_CASES = {
+    "all-low": ({}, [("wide", {"detail": "low"}, 1), ("ok", {"detail": "low"}, 1)]),
+    "per-image": ({}, [("wide", {"max_dynamic_patch": 2}, 2),
+                       ("ok", {"detail": "high"}, 12)]),  # high: the checkpoint's max, 12
+    "per-request": ({"max_dynamic_patch": 4}, [("wide", {}, 4),
+                                               ("wide", {"max_dynamic_patch": 2}, 2)]),
+}
+# fmt: on
+
+
+@pytest.mark.parametrize("name", list(TILE_CASES))
+def test_tiles_per_image_set_prompt_tokens(graph: Graph, offline: InternVLChat, name: str) -> None:
+    """usage.prompt_tokens = text tokens + num_image_token (4) per tile, tiles as chat()'s."""
+    fields, images = TILE_CASES[name]
+    parts = [image(mf.data_url(png(key)), **extra) for key, extra, _ in images]
+    response, _ = graph.post(chat_body(*parts, "Compare.", max_tokens=1, **fields))
+    assert response.status_code == 200, response.text
+    tiles = [offline.load_image(png(key), max_num=m).shape[0] for key, _, m in images]
+    question = "Image-1: <image>\nImage-2: <image>\nCompare."
+    text_tokens = graph.prompt_tokens(question, [0, 0])  # `<img></img>` with no tile inside
+    expected = text_tokens + graph.arch.num_image_token * sum(tiles)
+    assert response.json()["usage"]["prompt_tokens"] == expected
+    assert expected == graph.prompt_tokens(question, tiles)
+
+
+def test_tile_budget_refused(graph: Graph) -> None:
+    parts = [image(mf.data_url(mf.png_bytes(168, 112, seed=40 + k))) for k in range(3)]
+    response, _ = graph.post(chat_body(*parts, "Compare."))  # 3 x 7 tiles > 16
+    error = assert_error(response, 400, "invalid_request_error", "max_tiles_per_request is 16")
+    assert "21 image tiles" in error["message"] and "detail=low" in error["message"]
+    assert error["param"] == "max_dynamic_patch"
+    assert graph.answer(chat_body(*parts, "Compare.", max_dynamic_patch=2))  # 3 x 3 tiles
+
+
+def test_image_count_refused(graph: Graph) -> None:
+    parts = [image(mf.data_url(png("ok")), detail="low") for _ in range(MAX_IMAGES + 1)]
+    response, _ = graph.post(chat_body(*parts, "Count."))
+    error = assert_error(response, 400, "invalid_request_error", "max_images_per_request is 8")
+    assert "9 images" in error["message"] and error["param"] == "messages"
+
+
+def test_multimodal_prompt_over_max_model_len_refused(graph: Graph) -> None:
+    """A text that fits alone; with two 7-tile images it does not, and the 400 says how many
+    tokens the request needed, the limit and the knob that reduces it."""
+    words = 1
+    while graph.prompt_tokens("go " * (words + 1), []) + MAX_NEW <= MAX_MODEL_LEN:
+        words += 1
+    text = "go " * words
+    assert graph.answer(chat_body(text, max_tokens=MAX_NEW)) is not None
+    pictures = [image(mf.data_url(mf.png_bytes(168, 112, seed=50 + k))) for k in range(2)]
+    response, _ = graph.post(chat_body(*pictures, text, max_tokens=MAX_NEW))
+    needed = graph.prompt_tokens("Image-1: <image>\nImage-2: <image>\n" + text, [7, 7])
+    error = assert_error(response, 400, "context_length_exceeded", f"prompt has {needed} tokens")
+    assert f"max_model_len {MAX_MODEL_LEN}" in error["message"]
+    assert "56 of them image tokens from 14 tiles" in error["message"]
+    assert "max_dynamic_patch" in error["message"] and error["param"] == "messages"
+
+
+# ---- 3. hostile inputs -------------------------------------------------------------------
+
+
+def _url(url: str) -> Callable[[MediaServer], list[Body]]:
+    """One image part; HOST is the trusted media host, PORT its port."""
+    return lambda m: [image(url.replace("HOST", m.url("")).replace("PORT", str(m.port)))]
+
+
+def _data(make: Callable[[], bytes], mime: str = "image/png") -> Callable[[Any], list[Body]]:
+    return lambda _: [image(mf.data_url(make(), mime))]
+
+
+def _ten_hour_video(_: MediaServer) -> list[Body]:
+    clip = mf.mp4_clip(11, frame_gap_s=3600)
+    return [{"type": "video_url", "video_url": {"url": mf.data_url(clip, "video/mp4")}}]
+
+
+def _thousand_images(media: MediaServer) -> list[Body]:
+    return [image(media.url(f"/ok.png?i={k}")) for k in range(1000)]
+
+
+BLOCKED, MEDIA, TOO_LARGE = "blocked", "invalid_media", "payload_too_large"
+BYTES, URL = f"max_image_bytes limit is {MAX_IMAGE_BYTES}", f"{PART0}.image_url.url"
+TO_LOOPBACK = "HOST/redirect?to=http://127.0.0.2:PORT/ok.png"
+# (parts, status, error type, message fragment, param, requests the media host may see)
+# fmt: off
+HOSTILE = [
+    pytest.param(_url("http://10.0.0.1/x.png"), 400, MEDIA, BLOCKED, URL, 0, id="private-10"),
+    pytest.param(_url("http://192.168.1.1/x.png"), 400, MEDIA, BLOCKED, URL, 0, id="private-192"),
+    pytest.param(_url("http://127.0.0.2:PORT/ok.png"), 400, MEDIA, BLOCKED, URL, 0,
+                 id="loopback-untrusted"),
+    pytest.param(_url("http://[::1]:PORT/ok.png"), 400, MEDIA, BLOCKED, URL, 0, id="loopback-v6"),
+    pytest.param(_url(METADATA), 400, MEDIA, BLOCKED, URL, 0, id="metadata"),
+    pytest.param(_url("http://[fd00:ec2::254]/latest/"), 400, MEDIA, BLOCKED, URL, 0,
+                 id="metadata-v6"),
+    pytest.param(_url(TO_LOOPBACK), 400, MEDIA, BLOCKED, URL, 1, id="redirect-to-loopback"),
+    pytest.param(_url(f"HOST/redirect?to={METADATA}"), 400, MEDIA, BLOCKED, URL, 1,
+                 id="redirect-to-metadata"),
+    pytest.param(_url("HOST/big"), 413, TOO_LARGE, BYTES, URL, 1, id="oversized"),
+    pytest.param(_url("HOST/big-chunked"), 413, TOO_LARGE, BYTES, URL, 1, id="oversized-chunked"),
+    pytest.param(_url("HOST/slow"), 400, MEDIA, "fetch_timeout_s", URL, 1, id="slow-server"),
+    pytest.param(_data(mf.png_bomb), 413, TOO_LARGE, "max_image_pixels", URL, 0,
+                 id="png-bomb-30000"),
+    pytest.param(_data(lambda: mf.truncated(mf.jpeg_bytes(200, 150)), "image/jpeg"), 400, MEDIA,
+                 "truncated", URL, 0, id="truncated-jpeg"),
+    pytest.param(_data(mf.zip_bytes), 400, MEDIA, "could not be decoded", URL, 0, id="zip-as-png"),
+    pytest.param(_thousand_images, 400, "invalid_request_error", "max_images_per_request is 8",
+                 "messages", 0, id="thousand-images"),  # refused before any fetch
+    pytest.param(_ten_hour_video, 413, TOO_LARGE, "max_video_duration_s is 3600",
+                 f"{PART0}.video_url.url", 0, id="ten-hour-video"),
+    pytest.param(_url("data:image/png;base64,@@not*base64@@"), 400, MEDIA, "invalid base64", URL,
+                 0, id="invalid-base64"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(("parts", "status", "kind", "fragment", "param", "fetches"), HOSTILE)
+def test_hostile_input_refused_then_normal_request_served(
+    graph: Graph,
+    parts: Callable[[MediaServer], list[Body]],
+    status: int,
+    kind: str,
+    fragment: str,
+    param: str,
+    fetches: int,
+) -> None:
+    """The refusal within 3 s (a timeout within fetch_timeout_s + 3 s, not before it), the media
+    host reached at most `fetches` times and never on 127.0.0.2; then a normal request."""
+    hits = sum(graph.media.hits.values())
+    response, elapsed = graph.post(chat_body(*parts(graph.media), "Describe."))
+    logger.info("%s: HTTP %d in %.1f ms", fragment, response.status_code, elapsed * 1e3)
+    assert assert_error(response, status, kind, fragment)["param"] == param
+    timeout = FETCH_TIMEOUT_S if fragment == "fetch_timeout_s" else 0.0
+    assert 0.9 * timeout <= elapsed < timeout + 3.0, f"refused after {elapsed:.2f} s"
+    assert sum(graph.media.hits.values()) - hits == fetches
+    assert graph.media.hits["127.0.0.2/ok.png"] == 0
+    normal, _ = graph.post(chat_body(image(graph.media.url("/ok.png")), "Hi.", max_tokens=2))
+    assert normal.json()["choices"][0]["finish_reason"] in ("stop", "length"), normal.text
+
+
+def assert_nothing_left_running(graph: Graph) -> None:
+    """Every KV block free, no sequence running or waiting, every stage healthy."""
+
+    def idle() -> bool:
+        stats = graph.stats("LLM")
+        busy = stats["num_running"] or stats["num_waiting"]
+        return not busy and stats["kv_blocks_free"] == stats["kv_blocks_total"]
+
+    assert wait_until(idle, timeout_s=5.0), graph.stats("LLM")
+    health = httpx.get(f"{graph.url}/health", timeout=TIMEOUT_S)
+    assert (health.status_code, health.json()["status"]) == (200, "ok"), health.text
+
+
+def test_nothing_left_running_after_hostile_inputs(graph: Graph) -> None:
+    assert_nothing_left_running(graph)
+
+
+# ---- 4. property test: generated request bodies over HTTP ----------------------------------
+
+NUM_BODIES, CONCURRENCY = 1000, 16
+_LEAF = st.none() | st.booleans() | st.integers(-(10**20), 10**20) | st.floats() | st.text()
+_JUNK = st.recursive(_LEAF, lambda x: st.lists(x, max_size=3) | st.dictionaries(st.text(), x))
+_CHAOS = _LEAF | st.sampled_from([-1, 0, 0.5, "3", 2**31, 2**63, 2**64, 10**30, 1e308, -1e308])
+_TEXT = st.text(max_size=30) | st.sampled_from(["<image>", "<img>", "<IMG_CONTEXT>", "<ref>a"])
+_OPTIONS = st.fixed_dictionaries({"include_usage": st.booleans()})
+# fmt: off
+_FIELDS: dict[str, st.SearchStrategy[Any]] = {  # in range; 10**6 tokens: context_length_exceeded
+    "temperature": st.floats(0.0, 2.0), "top_p": st.floats(0.01, 1.0), "top_k": st.integers(0, 50),
+    "max_tokens": st.integers(1, MAX_NEW) | st.just(10**6), "min_tokens": st.integers(0, MAX_NEW),
+    "max_completion_tokens": st.integers(1, MAX_NEW), "seed": st.integers(0, 2**64 - 1),
+    "stop": st.text(min_size=1, max_size=3) | st.lists(st.text(min_size=1, max_size=3), max_size=4),
+    "n": st.integers(1, 4), "logprobs": st.booleans(), "top_logprobs": st.integers(0, 5),
+    "presence_penalty": st.floats(-2.0, 2.0), "frequency_penalty": st.floats(-2.0, 2.0),
+    "repetition_penalty": st.floats(0.5, 2.0), "max_dynamic_patch": st.integers(1, 6),
+    "stream": st.booleans(), "stream_options": _OPTIONS,
+}
+# fmt: on
+
+
+def _mostly(valid: Any, chaos: Any = _CHAOS, *, one_in: int = 6) -> Any:
+    """`chaos` one time in `one_in`, else `valid` (the simplest draws stay valid)."""
+    return st.integers(1, one_in).flatmap(lambda k: chaos if k == one_in else valid)
+
+
+def _optional(base: dict[str, Any], **optional: st.SearchStrategy[Any]) -> Any:
+    """`base` plus any subset of `optional`, now and then with an unknown field."""
+    unknown = _mostly(st.just({}), st.dictionaries(st.sampled_from(["extra", "Detail"]), _LEAF))
+    parts = st.tuples(st.fixed_dictionaries(base, optional=optional), unknown)
+    return parts.map(lambda t: {**t[0], **t[1]})
+
+
+@functools.cache
+def _urls(media_url: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(valid image URLs, refused ones: [2] is a PNG bomb); built when first drawn."""
+    pngs = [mf.data_url(mf.png_bytes(w, h, seed=w)) for w, h in ((1, 1), (56, 56), (70, 30))]
+    gif = mf.data_url(mf.gif_animation([(9, 9, 9), (200, 0, 0)]), "image/gif")
+    valid = (*pngs, gif, mf.data_url(mf.jpeg_bytes(40, 70), "image/jpeg"), f"{media_url}/ok.png")
+    refused = (
+        *(mf.data_url(mf.truncated(png("ok"))), mf.data_url(mf.zip_bytes())),
+        mf.data_url(mf.png_bomb(30000, 30000, complete=False)),
+        *("data:image/png;base64,@@", "data:,", "", "ftp://example.com/x.png", METADATA),
+        *("file:///etc/passwd", "http://10.0.0.1/x.png", f"{media_url}/big"),
+    )
+    return valid, refused
+
+
+@functools.cache
+def _clip_url() -> str:
+    return mf.data_url(mf.mp4_clip(12, width=32, height=32), "video/mp4")
+
+
+def _content(media_url: str) -> st.SearchStrategy[Any]:
+    """A user turn's content: text, or up to 3 parts (text, image, video, malformed)."""
+    valid, refused = _urls(media_url)
+    garbage = st.binary(max_size=32).map(mf.data_url)
+    urls = st.integers(0, 9).flatmap(
+        lambda k: st.sampled_from(valid) if k < 8 else st.sampled_from(refused) | garbage
+    )
+    details = _mostly(st.sampled_from(["auto", "low", "high"]))
+    picture = _optional({"url": urls}, detail=details, max_dynamic_patch=_mostly(st.integers(1, 6)))
+    bound = _mostly(st.tuples(st.floats(0.0, 2.0), st.floats(0.0, 2.0)))
+    video = _optional({"url": _mostly(st.builds(_clip_url), urls)}, bound=bound,
+                      num_segments=_mostly(st.integers(1, 3)))  # fmt: skip
+    kinds = [
+        st.fixed_dictionaries({"type": st.just("text"), "text": _TEXT}),
+        st.fixed_dictionaries({"type": st.just("image_url"), "image_url": picture}),
+        st.fixed_dictionaries({"type": st.just("video_url"), "video_url": video}),
+        st.fixed_dictionaries({"type": st.sampled_from(["audio", "text", "image_url"])}) | _JUNK,
+    ]
+    part = st.integers(0, 15).flatmap(lambda k: kinds[(k > 6) + (k > 12) + (k > 13)])
+    return _mostly(_TEXT | st.lists(part, max_size=3), st.none() | _JUNK, one_in=20)
+
+
+def _messages(media_url: str) -> st.SearchStrategy[Any]:
+    """Mostly [system?, (user, assistant)*, user]; else loose role/content lists or junk."""
+    user = st.fixed_dictionaries({"role": st.just("user"), "content": _content(media_url)})
+    system = st.fixed_dictionaries({"role": st.just("system"), "content": _TEXT})
+    reply = st.fixed_dictionaries({"role": st.just("assistant"), "content": _TEXT})
+    turns = st.tuples(st.lists(system, max_size=1), st.lists(st.tuples(user, reply), max_size=2))
+    conversation = st.tuples(turns, user).map(
+        lambda t: [*t[0][0], *(m for pair in t[0][1] for m in pair), t[1]]
+    )
+    role = _mostly(st.sampled_from(["user", "assistant", "system"]), st.sampled_from(["tool", ""]))
+    loose = st.lists(_optional({"role": role, "content": _content(media_url)}), max_size=4)
+    return _mostly(conversation, loose | _JUNK, one_in=10)
+
+
+def request_bodies(media_url: str) -> st.SearchStrategy[bytes]:
+    """Bodies as sent: mostly a chat request's JSON with fields in range (at times one out of
+    range or of a wrong type); else a wrong model, JSON junk, JSON cut short or raw bytes."""
+    fields = st.fixed_dictionaries({}, optional=_FIELDS).map(  # top_logprobs needs logprobs
+        lambda f: {**f, "logprobs": True} if f.get("top_logprobs") else f
+    )
+    odd_field = st.dictionaries(st.sampled_from([*_FIELDS, "best_of"]), _CHAOS, max_size=1)
+    model = _mostly(st.just(MODEL), _TEXT, one_in=20)
+    head = st.fixed_dictionaries({"model": model, "messages": _messages(media_url)})
+    chat = st.tuples(head, fields, _mostly(st.just({}), odd_field))
+    body = _mostly(chat.map(lambda t: {**t[0], **t[1], **t[2]}), _JUNK, one_in=12)
+    as_json = body.map(lambda b: json.dumps(b, allow_nan=True).encode())
+    cut = st.tuples(as_json, st.integers(0, 200)).map(lambda t: t[0][: t[1]])
+    return st.integers(0, 19).flatmap(lambda k: [cut, st.binary()][k] if k < 2 else as_json)
+
+
+def tricky_bodies(media_url: str) -> list[bytes]:
+    """Always sent too: reserved tokens typed by a user, NaN, the widest seed, 413s, extras."""
+    picture, video = image(_urls(media_url)[0][1]), {"url": _clip_url(), "bound": [math.nan, 9]}
+    bodies = [
+        chat_body("<IMG_CONTEXT>"),
+        chat_body(picture, "<IMG_CONTEXT><img></img>"),
+        chat_body("x", temperature=math.nan, seed=2**64 - 1),
+        chat_body("x", max_tokens=10**30),
+        chat_body({"type": "video_url", "video_url": video}, "x"),
+        chat_body(image(_urls(media_url)[1][2]), "x"),  # the PNG bomb: 413
+        chat_body(image(f"{media_url}/big"), "x"),  # 413
+        chat_body(picture, "x", n=4, logprobs=True, top_logprobs=5, stream=True, min_tokens=4,
+                  stream_options={"include_usage": True}),
+    ]  # fmt: skip
+    return [json.dumps(body, allow_nan=True).encode() for body in bodies]
+
+
+def collect_bodies(media_url: str) -> list[bytes]:
+    """NUM_BODIES bodies drawn by hypothesis, derandomized (the same list on every run)."""
+    bodies: list[bytes] = []
+    checks = list(HealthCheck)
+
+    @settings(max_examples=NUM_BODIES, derandomize=True, database=None, deadline=None,
+              suppress_health_check=checks)  # fmt: skip
+    @given(body=request_bodies(media_url))
+    def collect(body: bytes) -> None:
+        bodies.append(body)
+
+    collect()
+    return bodies + tricky_bodies(media_url)
+
+
+def response_problem(response: httpx.Response) -> str | None:
+    """What is wrong with a response, or None: a 5xx, a non-OpenAI error body, a 200 stream
+    with an error event or no [DONE], or more tokens than max_tokens allows."""
+    if response.status_code >= 500:
+        return f"{response.status_code}: {response.text[:300]}"
+    if response.status_code != 200:
+        error = response.json().get("error")
+        ok = isinstance(error, dict) and set(error) == ERROR_KEYS and error["message"]
+        return None if ok else f"{response.status_code} not OpenAI error JSON: {response.text}"
+    if response.headers["content-type"].startswith("text/event-stream"):
+        events = [line.removeprefix("data: ") for line in response.text.splitlines() if line]
+        bad = events[-1] != "[DONE]" or any(e.startswith('{"error"') for e in events)
+        return f"bad stream: {events[-3:]}" if bad else None
+    payload = response.json()
+    too_long = payload["usage"]["completion_tokens"] > MAX_NEW * len(payload["choices"])
+    return f"over max_tokens: {payload['usage']}" if too_long else None
+
+
+async def fire(url: str, bodies: list[bytes]) -> tuple[Counter[str], list[str]]:
+    """POST every body, CONCURRENCY at a time; counts by status and error type or content type
+    ('timeout' is a hang) and the problems found."""
+    counts: Counter[str] = Counter()
+    problems: list[str] = []
+    gate, headers = asyncio.Semaphore(CONCURRENCY), {"content-type": "application/json"}
+    async with httpx.AsyncClient(timeout=TIMEOUT_S) as client:
+
+        async def send(body: bytes) -> None:
+            async with gate:
+                try:
+                    async with asyncio.timeout(TIMEOUT_S):
+                        response = await client.post(url, content=body, headers=headers)
+                except (TimeoutError, httpx.TimeoutException):
+                    counts["timeout"] += 1
+                    problems.append(f"no answer in {TIMEOUT_S} s <- {body[:200]!r}")
+                    return
+            problem = response_problem(response)
+            if problem is not None:
+                problems.append(f"{problem} <- {body[:300]!r}")
+            ok = response.status_code == 200 or problem is not None
+            kind = response.headers["content-type"] if ok else response.json()["error"]["type"]
+            counts[f"{response.status_code} {kind.split(';')[0]}"] += 1
+
+        await asyncio.gather(*(send(body) for body in bodies))
+    return counts, problems
+
+
+def test_generated_bodies_never_get_5xx_or_hang(graph: Graph) -> None:
+    bodies = collect_bodies(graph.media.url(""))
+    assert len(bodies) >= NUM_BODIES
+    start = time.perf_counter()
+    counts, problems = asyncio.run(fire(f"{graph.url}/v1/chat/completions", bodies))
+    elapsed = time.perf_counter() - start
+    logger.info("%d bodies in %.1f s: %s", len(bodies), elapsed, dict(sorted(counts.items())))
+    assert not problems, f"{len(problems)} problems, e.g. {problems[:5]}"
+    by_status = Counter(key.split()[0] for key in counts.elements())
+    assert sum(by_status.values()) == len(bodies) and by_status["200"] >= len(bodies) // 3
+    assert counts["200 text/event-stream"] and all(by_status[s] for s in ("400", "404", "413"))
+    assert by_status["422"], by_status
+    assert_nothing_left_running(graph)

@@ -83,9 +83,9 @@ def _assert_drained(engine: LLMEngine) -> None:
 def test_batched_equals_alone(tiny_checkpoint: Any, family: str) -> None:
     path = tiny_checkpoint(family)
     ref_engine = _alone(path)
-    work = _workload(ref_engine, 18)
+    work = _workload(ref_engine, 20)
     expected = _tokens(ref_engine, work)
-    engine = _engine(path, max_num_seqs=12, max_num_batched_tokens=24, num_kv_blocks=40)
+    engine = _engine(path, max_num_seqs=16, max_num_batched_tokens=24, num_kv_blocks=40)
     got = _tokens(engine, work)
     assert got == expected
     stats = engine.stats

@@ -80,7 +80,8 @@ class ModelRunner:
         tables = torch.tensor(
             [t + [0] * (width - len(t)) for t in batch.block_tables], dtype=torch.long
         )  # [S, max_num_blocks]
-        slots = tables[seq_index, positions // block_size] * block_size + positions % block_size
+        blocks = tables[seq_index, positions // block_size]  # [T]
+        slots = blocks * block_size + positions % block_size  # [T]
         long_mask = None
         if self._long_rope_threshold is not None:
             # Per token, the original's reference length: the whole prompt while prefilling (it
@@ -99,8 +100,9 @@ class ModelRunner:
             block_size=block_size,
             long_rope_mask=long_mask,
         )
+        input_ids = torch.tensor(batch.input_token_ids, dtype=torch.long, device=device)  # [T]
         return ModelInput(
-            input_ids=torch.tensor(batch.input_token_ids, dtype=torch.long, device=device),
+            input_ids=input_ids,
             positions=positions.to(device),
             attn=attn,
             sample_indices=sample_indices.to(device),
@@ -127,7 +129,9 @@ class ModelRunner:
     def _embed(self, batch: ScheduledBatch, inputs: ModelInput) -> torch.Tensor:
         hidden = self.model.embed_tokens(inputs.input_ids)  # [T, D]
         if batch.image_embeds is not None:
-            rows = torch.tensor(batch.image_token_indices, dtype=torch.long, device=self.device)
+            rows = torch.tensor(
+                batch.image_token_indices, dtype=torch.long, device=self.device
+            )  # [num_image_rows]
             image = batch.image_embeds.to(device=self.device, dtype=hidden.dtype)  # [rows, D]
             hidden[rows] = image
         return hidden

@@ -104,7 +104,7 @@ class ServeArgs(BaseModel):
         description="answers keep <ref>/<box> tags (as the original demo) and carry parsed boxes",
     )
     stream_interval_s: float = Field(
-        default=0.02, ge=0, description="SSE: steps arriving within this interval share a chunk"
+        default=0.05, ge=0, description="SSE: steps arriving within this interval share a chunk"
     )
     ingress: DeploymentOptions = Field(
         default_factory=lambda: DeploymentOptions(max_ongoing_requests=256, num_cpus=0.5),

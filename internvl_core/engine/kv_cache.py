@@ -18,7 +18,7 @@ from internvl_core.errors import InternVLError
 logger = logging.getLogger(__name__)
 
 # Budget on CPU when the config names none: KV on CPU is for tests and small demos.
-DEFAULT_CPU_KV_BYTES = 1 << 30
+DEFAULT_CPU_KV_BYTES = 256 << 20
 
 
 def kv_block_bytes(
@@ -54,7 +54,7 @@ def plan_num_blocks(
 ) -> int:
     """Blocks this stage can hold, from the first of: num_kv_blocks, kv_cache_memory_bytes,
     GPU memory (`gpu_memory_utilization` of the device minus what is already used minus the
-    activation reserve), or a 1 GiB CPU default capped to what the scheduler could ever use."""
+    activation reserve), or a 256 MiB CPU default capped to what the scheduler could ever use."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
     if config.kv_cache_memory_bytes is not None:

@@ -100,13 +100,14 @@ def test_batched_equals_alone(tiny_checkpoint: Any, family: str) -> None:
 @pytest.mark.parametrize("pp_size", [2, 3])
 def test_pipeline_parallel_equals_pp1(tiny_checkpoint: Any, pp_size: int) -> None:
     path = tiny_checkpoint("qwen2", num_llm_layers=3)
-    config = {"max_num_seqs": 8, "max_num_batched_tokens": 32, "num_kv_blocks": 48}
+    config = {"max_num_seqs": 8, "max_num_batched_tokens": 32, "num_kv_blocks": 30}
     pp1 = _engine(path, **config)
     work = _workload(pp1, 16, seed=1)
     expected = _tokens(pp1, work)
     engine = _engine(path, pp_size=pp_size, **config)
     assert engine.pipeline.pp_size == pp_size
     assert _tokens(engine, work) == expected
+    assert engine.stats.num_preemptions > 0 and engine.stats.prefix_cache_hit_rate > 0
     _assert_drained(engine)
 
 

@@ -242,7 +242,7 @@ class LLMEngine:
             return
         seq = state.seq
         self.scheduler.finish(seq, status)
-        self._aborted_outputs.append(self._output(state, [], "", None, reason=status.value))
+        self._aborted_outputs.append(_make_output(state, [], "", None, reason=status.value))
 
     def has_unfinished(self) -> bool:
         return bool(self._states or self._aborted_outputs or self._in_flight)
@@ -294,7 +294,7 @@ class LLMEngine:
             visible = state.stop.safe_text_len(text) if detok is not None else 0
             delta = text[state.num_emitted_chars : visible]
             state.num_emitted_chars = max(state.num_emitted_chars, visible)
-            return self._output(state, [token], delta, (logprobs, top))
+            return _make_output(state, [token], delta, (logprobs, top))
         if detok is not None and decision.truncate_text_to is None:
             detok.flush()  # the sequence ends: release a held incomplete character
             text = detok.text
@@ -302,35 +302,10 @@ class LLMEngine:
         delta = text[state.num_emitted_chars : end]
         self.scheduler.finish(seq, SequenceStatus.from_finish_reason(decision.finish_reason))
         del self._states[seq.request_id]
-        return self._output(
+        return _make_output(
             state, [token], delta, (logprobs, top), reason=decision.finish_reason,
             stop_reason=decision.stop_reason,
         )  # fmt: skip
-
-    def _output(
-        self,
-        state: _RequestState,
-        token_ids: list[int],
-        delta: str,
-        logprobs: tuple[list[float] | None, list[list[tuple[int, float]]] | None] | None,
-        *,
-        reason: str | None = None,
-        stop_reason: int | str | None = None,
-    ) -> RequestOutput:
-        seq = state.seq
-        return RequestOutput(
-            request_id=seq.request_id,
-            text_delta=delta,
-            token_ids=token_ids,
-            logprobs=logprobs[0] if logprobs else None,
-            top_logprobs=logprobs[1] if logprobs else None,
-            finished=reason is not None,
-            finish_reason=reason,
-            num_prompt_tokens=seq.num_prompt_tokens,
-            num_output_tokens=seq.num_output_tokens,
-            num_cached_tokens=seq.num_cached_tokens,
-            stop_reason=stop_reason,
-        )
 
     # ---- offline convenience ----------------------------------------------------------------
     def generate(
@@ -378,3 +353,31 @@ class LLMEngine:
             prefix_cache_hit_rate=manager.prefix_cache_hit_rate,
             num_preemptions=self.scheduler.num_preemptions,
         )
+
+
+_Logprobs = tuple[list[float] | None, list[list[tuple[int, float]]] | None]
+
+
+def _make_output(
+    state: _RequestState,
+    token_ids: list[int],
+    delta: str,
+    logprobs: _Logprobs | None,
+    *,
+    reason: str | None = None,
+    stop_reason: int | str | None = None,
+) -> RequestOutput:
+    seq = state.seq
+    return RequestOutput(
+        request_id=seq.request_id,
+        text_delta=delta,
+        token_ids=token_ids,
+        logprobs=logprobs[0] if logprobs else None,
+        top_logprobs=logprobs[1] if logprobs else None,
+        finished=reason is not None,
+        finish_reason=reason,
+        num_prompt_tokens=seq.num_prompt_tokens,
+        num_output_tokens=seq.num_output_tokens,
+        num_cached_tokens=seq.num_cached_tokens,
+        stop_reason=stop_reason,
+    )

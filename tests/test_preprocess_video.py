@@ -215,3 +215,31 @@ def test_bound_past_the_end_raises_media_error(clip: Path) -> None:
     with pytest.raises(MediaError, match=r"frames 0\.\.29") as info:
         load_video(clip, cfg=TilingConfig(image_size=28, max_num=1), bound=(5.0, 10.0))
     assert info.value.param == "bound"
+
+
+def _encode(container_format: str, codec: str, pix_fmt: str = "yuv420p") -> bytes:
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format=container_format) as container:
+        stream = container.add_stream(codec, rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, pix_fmt
+        for k in range(12):
+            pixels = np.full((HEIGHT, WIDTH, 3), (k * 20) % 256, dtype=np.uint8)  # [H, W, 3]
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("container_format", "codec"),
+    [("webm", "libvpx"), ("avi", "mpeg4"), ("matroska", "libx264"), ("mp4", "mpeg4")],
+)
+def test_other_containers_match_original(tmp_path: Path, container_format: str, codec: str) -> None:
+    path = tmp_path / f"clip.{container_format}"
+    path.write_bytes(_encode(container_format, codec))
+    cfg = TilingConfig(image_size=28, max_num=1, use_thumbnail=True)
+    pixels, num_patches = load_video(path.read_bytes(), cfg=cfg, num_segments=4)
+    ref_pixels, ref_patches = ref_load_video(path, None, 28, 1, 4)
+    assert num_patches == ref_patches == [1, 1, 1, 1]
+    assert np.array_equal(pixels, ref_pixels)

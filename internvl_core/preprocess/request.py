@@ -31,6 +31,7 @@ from internvl_core.preprocess.conversation import MediaItem, plan_conversation
 from internvl_core.preprocess.image import TilingConfig, load_image
 from internvl_core.preprocess.media import MediaFetcher
 from internvl_core.preprocess.prompt import (
+    IMG_CONTEXT_TOKEN,
     build_query,
     count_placeholders,
     expand_image_placeholders,
@@ -138,6 +139,8 @@ class RequestPreparer:
             query, [image.num_tiles for image in images], self.arch.num_image_token
         )
         token_ids = self.tokenizer.encode(query)
+        if images:
+            self._check_image_slots(token_ids, num_tiles)
         sampling = self._fit_sampling(request, len(token_ids), num_tiles)
         return PreparedRequest(
             request_id=request_id,
@@ -174,6 +177,18 @@ class RequestPreparer:
                     f"video bound {item.bound} must hold finite seconds within +-{MAX_BOUND_S}",
                     param="bound",
                 )
+
+    def _check_image_slots(self, token_ids: list[int], num_tiles: int) -> None:
+        """Text typed as `<IMG_CONTEXT>` would shift every image row (the original fails in
+        generate()); refuse it here, before the vision pool encodes anything."""
+        expected = num_tiles * self.arch.num_image_token
+        num_slots = token_ids.count(self.tokenizer.token_to_id(IMG_CONTEXT_TOKEN))
+        if num_slots != expected:
+            raise InvalidRequestError(
+                f"the messages' text holds the reserved token {IMG_CONTEXT_TOKEN} "
+                f"{num_slots - expected} time(s); it may not appear in a request with images",
+                param="messages",
+            )
 
     def _fit_sampling(
         self, request: ChatCompletionRequest, prompt_len: int, num_tiles: int

@@ -20,7 +20,7 @@ from deployments.ingress import IngressDeployment
 from deployments.llm import LLMDeployment
 from deployments.preprocess import PreprocessDeployment
 from deployments.vision import VisionDeployment
-from internvl_core.serve_args import DeploymentOptions, ServeArgs
+from internvl_core.serve_args import AutoscalingOptions, DeploymentOptions, ServeArgs
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,33 @@ def _gpus(option: DeploymentOptions, has_gpus: bool) -> float:
     return float(option.num_gpus)
 
 
+# Our policy name -> (Serve import path, the AutoscalingOptions targets it takes).
+_POLICIES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "queued_tiles": ("deployments.autoscaling:QueuedTilesPolicy", ("target_tiles_per_replica",)),
+    "engine_queue": (
+        "deployments.autoscaling:EngineQueuePolicy",
+        ("target_waiting_per_replica", "target_kv_usage"),
+    ),
+}
+_POLICY_FIELDS = {
+    "policy",
+    "target_tiles_per_replica",
+    "target_waiting_per_replica",
+    "target_kv_usage",
+}
+
+
+def autoscaling_config(options: AutoscalingOptions) -> dict[str, Any]:
+    """Serve's `autoscaling_config`: our bounds/delays/windows, plus a custom `policy`
+    (class import path and constructor kwargs) unless Serve's default is asked for."""
+    out = options.model_dump(exclude=_POLICY_FIELDS)
+    if options.policy != "ongoing_requests":
+        path, fields = _POLICIES[options.policy]
+        kwargs = {name: getattr(options, name) for name in fields}
+        out["policy"] = {"policy_function": path, "policy_kwargs": kwargs}
+    return out
+
+
 def deployment_options(option: DeploymentOptions, name: str, *, num_gpus: float) -> dict[str, Any]:
     """Serve `.options()` kwargs from our typed DeploymentOptions."""
     out: dict[str, Any] = {
@@ -51,7 +78,7 @@ def deployment_options(option: DeploymentOptions, name: str, *, num_gpus: float)
         "ray_actor_options": {"num_cpus": option.num_cpus, "num_gpus": num_gpus},
     }
     if option.autoscaling is not None:
-        out["autoscaling_config"] = option.autoscaling.model_dump()
+        out["autoscaling_config"] = autoscaling_config(option.autoscaling)
         out["num_replicas"] = "auto"
     else:
         out["num_replicas"] = option.num_replicas

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from deployments.autoscaling import KV_USAGE, RUNNING_SEQS, WAITING_SEQS
 from deployments.device import resolve_device
 from deployments.events import EmbeddingPayload, GenerationEvent
 from deployments.metrics import EngineMetrics
@@ -136,6 +137,16 @@ class LLMDeployment:
             "kv_blocks_total": stats.kv_blocks_total,
             "kv_blocks_free": stats.kv_blocks_free,
             "prefix_cache_hit_rate": stats.prefix_cache_hit_rate,
+        }
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve polls this for the engine_queue policy (deployments.autoscaling)."""
+        stats = self.engine.stats
+        used = stats.kv_blocks_total - stats.kv_blocks_free
+        return {
+            WAITING_SEQS: float(stats.num_waiting),
+            RUNNING_SEQS: float(stats.num_running),
+            KV_USAGE: used / stats.kv_blocks_total if stats.kv_blocks_total else 0.0,
         }
 
     async def health(self) -> bool:

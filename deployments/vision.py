@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from ray import serve
 
+from deployments.autoscaling import PENDING_TILES
 from deployments.device import resolve_device
 from deployments.events import EmbeddingPayload
 from deployments.metrics import VisionMetrics
@@ -40,6 +41,7 @@ class VisionDeployment:
         self.metrics = VisionMetrics()
         self.num_encoded_tiles = 0
         self.num_cache_hits = 0
+        self.num_pending_tiles = 0  # cache-miss tiles waiting for or inside an encoder batch
         self._encode_batch.set_max_batch_size(config.max_batch_tiles)
         self._encode_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
 
@@ -60,12 +62,22 @@ class VisionDeployment:
                 todo.setdefault(image.content_hash, image.pixel_values)
         if todo:
             self.metrics.cache_misses.inc(len(todo))
-            outputs = await asyncio.gather(*(self._encode_batch(px) for px in todo.values()))
+            outputs = await asyncio.gather(*(self._encode_counted(px) for px in todo.values()))
             for key, rows in zip(todo, outputs, strict=True):
                 found[key] = rows
                 self._remember(key, rows)
         rows = torch.cat([found[image.content_hash] for image in prepared.images])
         return EmbeddingPayload.from_tensor(rows)  # [num_image_tokens, D_llm]
+
+    async def _encode_counted(self, pixels: np.ndarray) -> torch.Tensor:
+        """`_encode_batch` for one image, its tiles counted as pending until it returns, fails
+        or is cancelled (the queued_tiles autoscaling signal)."""
+        num_tiles = int(pixels.shape[0])
+        self.num_pending_tiles += num_tiles
+        try:
+            return await self._encode_batch(pixels)
+        finally:
+            self.num_pending_tiles -= num_tiles
 
     def _remember(self, key: str, rows: torch.Tensor) -> None:
         if self.config.cache_entries == 0:
@@ -99,6 +111,10 @@ class VisionDeployment:
             "cache_hits": self.num_cache_hits,
             "cache_entries": len(self.cache),
         }
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve polls this for the queued_tiles policy (deployments.autoscaling)."""
+        return {PENDING_TILES: float(self.num_pending_tiles)}
 
     async def health(self) -> bool:
         return True

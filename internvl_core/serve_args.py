@@ -27,6 +27,21 @@ class AutoscalingOptions(BaseModel):
     downscale_delay_s: float = Field(default=600.0, ge=0, description="before removing")
     look_back_period_s: float = Field(default=30.0, gt=0, description="metrics window")
     metrics_interval_s: float = Field(default=10.0, gt=0, description="metrics push period")
+    policy: Literal["ongoing_requests", "queued_tiles", "engine_queue"] = Field(
+        default="ongoing_requests",
+        description="ongoing_requests: Serve's default (target_ongoing_requests); queued_tiles "
+        "(vision_encoder only): tiles waiting for or in an encoder batch; engine_queue (llm "
+        "only): waiting sequences and KV use",
+    )
+    target_tiles_per_replica: float = Field(
+        default=256.0, gt=0, description="queued_tiles: pending tiles one vision replica holds"
+    )
+    target_waiting_per_replica: float = Field(
+        default=8.0, gt=0, description="engine_queue: waiting sequences per LLM replica"
+    )
+    target_kv_usage: float = Field(
+        default=0.85, gt=0, le=1, description="engine_queue: fraction of KV blocks in use"
+    )
 
 
 class DeploymentOptions(BaseModel):
@@ -140,6 +155,22 @@ class ServeArgs(BaseModel):
                 f"engine.pp_size is {self.engine.pp_size}; the decoder has {num_layers} layers "
                 "and every stage needs at least one"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _policies_fit_deployments(self) -> ServeArgs:
+        """queued_tiles reads the vision pool's metric and engine_queue the LLM engine's; on
+        another deployment they would never see a report and never scale."""
+        owner = {"queued_tiles": "vision_encoder", "engine_queue": "llm"}
+        for name in ("ingress", "preprocess", "vision_encoder", "llm"):
+            autoscaling = getattr(self, name).autoscaling
+            if autoscaling is None or autoscaling.policy == "ongoing_requests":
+                continue
+            if owner[autoscaling.policy] != name:
+                raise ValueError(
+                    f"{name}.autoscaling.policy is {autoscaling.policy!r}; it applies only to "
+                    f"{owner[autoscaling.policy]} (use ongoing_requests here)"
+                )
         return self
 
     @property

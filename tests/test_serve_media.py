@@ -362,6 +362,7 @@ def test_nothing_left_running_after_hostile_inputs(graph: Graph) -> None:
 # ---- 4. property test: generated request bodies over HTTP ----------------------------------
 
 NUM_BODIES, CONCURRENCY = 1000, 16
+PLACEHOLDER_HOST = "http://media-host.invalid"  # the trusted media host, replaced when sent
 _LEAF = st.none() | st.booleans() | st.integers(-(10**20), 10**20) | st.floats() | st.text()
 _JUNK = st.recursive(_LEAF, lambda x: st.lists(x, max_size=3) | st.dictionaries(st.text(), x))
 _CHAOS = _LEAF | st.sampled_from([-1, 0, 0.5, "3", 2**31, 2**63, 2**64, 10**30, 1e308, -1e308])
@@ -387,16 +388,21 @@ def _mostly(valid: Any, chaos: Any = _CHAOS, *, one_in: int = 6) -> Any:
 
 
 @functools.cache
-def _urls(media_url: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _urls() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(valid image URLs, refused ones: [2] is a PNG bomb); built when first drawn."""
     pngs = [mf.data_url(mf.png_bytes(w, h, seed=w)) for w, h in ((1, 1), (56, 56), (70, 30))]
     gif = mf.data_url(mf.gif_animation([(9, 9, 9), (200, 0, 0)]), "image/gif")
-    valid = (*pngs, gif, mf.data_url(mf.jpeg_bytes(40, 70), "image/jpeg"), f"{media_url}/ok.png")
+    valid = (
+        *pngs,
+        gif,
+        mf.data_url(mf.jpeg_bytes(40, 70), "image/jpeg"),
+        f"{PLACEHOLDER_HOST}/ok.png",
+    )
     refused = (
         *(mf.data_url(mf.truncated(png("ok"))), mf.data_url(mf.zip_bytes())),
         mf.data_url(mf.png_bomb(30000, 30000, complete=False)),
         *("data:image/png;base64,@@", "data:,", "", "ftp://example.com/x.png", METADATA),
-        *("file:///etc/passwd", "http://10.0.0.1/x.png", f"{media_url}/big"),
+        *("file:///etc/passwd", "http://10.0.0.1/x.png", f"{PLACEHOLDER_HOST}/big"),
     )
     return valid, refused
 
@@ -411,9 +417,9 @@ def _obj(required: dict[str, Any], **optional: st.SearchStrategy[Any]) -> Any:
     return st.fixed_dictionaries(required, optional={k: _mostly(v) for k, v in optional.items()})
 
 
-def _content(media_url: str) -> st.SearchStrategy[Any]:
+def _content() -> st.SearchStrategy[Any]:
     """A user turn's content: text, or up to 3 parts (text, image, video, malformed)."""
-    valid, refused = _urls(media_url)
+    valid, refused = _urls()
     garbage = st.binary(max_size=32).map(mf.data_url)
     url = st.integers(0, 9).flatmap(
         lambda k: st.sampled_from(valid) if k < 8 else st.sampled_from(refused) | garbage
@@ -433,9 +439,9 @@ def _content(media_url: str) -> st.SearchStrategy[Any]:
     return _mostly(_TEXT | st.lists(part, max_size=3), st.none() | _JUNK, one_in=20)
 
 
-def _messages(media_url: str) -> st.SearchStrategy[Any]:
+def _messages() -> st.SearchStrategy[Any]:
     """Mostly [system?, (user, assistant)*, user]; else loose role/content lists or junk."""
-    user = _obj({"role": st.just("user"), "content": _content(media_url)})
+    user = _obj({"role": st.just("user"), "content": _content()})
     system = _obj({"role": st.just("system"), "content": _TEXT})
     reply = _obj({"role": st.just("assistant"), "content": _TEXT})
     turns = st.tuples(st.lists(system, max_size=1), st.lists(st.tuples(user, reply), max_size=2))
@@ -443,11 +449,11 @@ def _messages(media_url: str) -> st.SearchStrategy[Any]:
         lambda t: [*t[0][0], *(m for pair in t[0][1] for m in pair), t[1]]
     )
     role = _mostly(st.sampled_from(["user", "assistant", "system"]), st.sampled_from(["tool", ""]))
-    loose = _obj({"role": role, "content": _content(media_url)})
+    loose = _obj({"role": role, "content": _content()})
     return _mostly(conversation, st.lists(loose, max_size=4) | _JUNK, one_in=10)
 
 
-def request_bodies(media_url: str) -> st.SearchStrategy[bytes]:
+def request_bodies() -> st.SearchStrategy[bytes]:
     """Bodies as sent: mostly a chat request's JSON with fields in range (at times one out of
     range or of a wrong type); else a wrong model, JSON junk, JSON cut short or raw bytes."""
     fields = st.fixed_dictionaries({}, optional=_FIELDS).map(  # top_logprobs needs logprobs
@@ -455,7 +461,7 @@ def request_bodies(media_url: str) -> st.SearchStrategy[bytes]:
     )
     odd_field = st.dictionaries(st.sampled_from([*_FIELDS, "best_of"]), _CHAOS, max_size=1)
     model = _mostly(st.just(MODEL), _TEXT, one_in=20)
-    head = st.fixed_dictionaries({"model": model, "messages": _messages(media_url)})
+    head = st.fixed_dictionaries({"model": model, "messages": _messages()})
     chat = st.tuples(head, fields, _mostly(st.just({}), odd_field))
     body = _mostly(chat.map(lambda t: {**t[0], **t[1], **t[2]}), _JUNK, one_in=12)
     as_json = body.map(lambda b: json.dumps(b, allow_nan=True).encode())
@@ -463,17 +469,17 @@ def request_bodies(media_url: str) -> st.SearchStrategy[bytes]:
     return st.integers(0, 19).flatmap(lambda k: [cut, st.binary()][k] if k < 2 else as_json)
 
 
-def tricky_bodies(media_url: str) -> list[bytes]:
+def tricky_bodies() -> list[bytes]:
     """Always sent too: reserved tokens typed by a user, NaN, the widest seed, 413s, extras."""
-    picture, video = image(_urls(media_url)[0][1]), {"url": _clip_url(), "bound": [math.nan, 9]}
+    picture, video = image(_urls()[0][1]), {"url": _clip_url(), "bound": [math.nan, 9]}
     bodies = [
         chat_body("<IMG_CONTEXT>"),
         chat_body(picture, "<IMG_CONTEXT><img></img>"),
         chat_body("x", temperature=math.nan, seed=2**64 - 1),
         chat_body("x", max_tokens=10**30),
         chat_body({"type": "video_url", "video_url": video}, "x"),
-        chat_body(image(_urls(media_url)[1][2]), "x"),  # the PNG bomb: 413
-        chat_body(image(f"{media_url}/big"), "x"),  # 413
+        chat_body(image(_urls()[1][2]), "x"),  # the PNG bomb: 413
+        chat_body(image(f"{PLACEHOLDER_HOST}/big"), "x"),  # 413
         chat_body(picture, "x", n=4, logprobs=True, top_logprobs=5, stream=True, min_tokens=4,
                   stream_options={"include_usage": True}),
     ]  # fmt: skip
@@ -487,12 +493,13 @@ def collect_bodies(media_url: str) -> list[bytes]:
 
     @settings(max_examples=NUM_BODIES, derandomize=True, database=None, deadline=None,
               suppress_health_check=checks)  # fmt: skip
-    @given(body=request_bodies(media_url))
+    @given(body=request_bodies())
     def collect(body: bytes) -> None:
         bodies.append(body)
 
     collect()
-    return bodies + tricky_bodies(media_url)
+    host = media_url.encode()  # after drawing: the port must not change what is drawn
+    return [body.replace(PLACEHOLDER_HOST.encode(), host) for body in bodies + tricky_bodies()]
 
 
 def response_problem(response: httpx.Response) -> str | None:

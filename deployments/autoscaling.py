@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 # Metric names shared by the replicas' `record_autoscaling_stats` and the policies.
 PENDING_TILES = "vision_pending_tiles"
+QUEUED_TILES = "vision_queued_tiles"  # policy state only: the estimate for caller-side queues
 WAITING_SEQS = "llm_waiting_seqs"
 RUNNING_SEQS = "llm_running_seqs"
 KV_USAGE = "llm_kv_usage"
@@ -45,6 +46,18 @@ def replica_metric(ctx: AutoscalingContext, name: str) -> dict[Any, float] | Non
 def desired_vision_replicas(pending_tiles: float, *, target_tiles_per_replica: float) -> float:
     """Replicas so that each holds `target_tiles_per_replica` tiles waiting or being encoded."""
     return pending_tiles / target_tiles_per_replica
+
+
+def tiles_queued_at_callers(
+    pending_tiles: float, running_requests: float, queued_requests: float
+) -> float:
+    """Tiles of the requests the pool has not accepted yet (its `max_ongoing_requests` is
+    reached, so they wait at the callers' handles), at the mean tiles of the requests it holds
+    and at least one each. Without them a pool full of small images would never look busy."""
+    if queued_requests <= 0:
+        return 0.0
+    per_request = pending_tiles / running_requests if running_requests > 0 else 1.0
+    return queued_requests * max(per_request, 1.0)
 
 
 def desired_llm_replicas(
@@ -73,8 +86,9 @@ def desired_llm_replicas(
 class QueuedTilesPolicy:
     """Vision pool: ceil(pending tiles over all replicas / target_tiles_per_replica).
 
-    Pending tiles are cache-miss tiles waiting for or inside an encoder batch; cache hits and
-    text-only requests cost the pool nothing and do not count.
+    Pending tiles are cache-miss tiles waiting for or inside an encoder batch (cache hits and
+    text-only requests cost the pool nothing and do not count), plus an estimate for requests
+    still queued at the callers (`tiles_queued_at_callers`).
     """
 
     def __init__(self, target_tiles_per_replica: float) -> None:
@@ -85,11 +99,14 @@ class QueuedTilesPolicy:
         tiles = replica_metric(ctx, PENDING_TILES)
         if tiles is None:  # no replica has reported yet: keep the current target
             return clamp_replicas(ctx.target_num_replicas, ctx), {}
-        total = sum(tiles.values())
-        desired = desired_vision_replicas(
-            total, target_tiles_per_replica=self.target_tiles_per_replica
+        in_pool = sum(tiles.values())
+        queued = tiles_queued_at_callers(
+            in_pool, ctx.total_running_requests, ctx.total_queued_requests
         )
-        return clamp_replicas(desired, ctx), {PENDING_TILES: total}
+        desired = desired_vision_replicas(
+            in_pool + queued, target_tiles_per_replica=self.target_tiles_per_replica
+        )
+        return clamp_replicas(desired, ctx), {PENDING_TILES: in_pool, QUEUED_TILES: queued}
 
 
 class EngineQueuePolicy:

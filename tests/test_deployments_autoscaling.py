@@ -18,6 +18,7 @@ from ray.serve.config import AutoscalingConfig, AutoscalingContext, AutoscalingP
 from deployments.autoscaling import (
     KV_USAGE,
     PENDING_TILES,
+    QUEUED_TILES,
     RUNNING_SEQS,
     WAITING_SEQS,
     EngineQueuePolicy,
@@ -41,9 +42,11 @@ def _context(
     max_replicas: int = 8,
     delay_s: float = 0.0,
     policy_state: dict[str, Any] | None = None,
+    requests: tuple[float, float] = (0.0, 0.0),
 ) -> AutoscalingContext:
     """A context like the controller's: `metrics[name][i]` is replica i's windowed mean (a list
-    shorter than `current` leaves the last replicas unreported)."""
+    shorter than `current` leaves the last replicas unreported); `requests` is (running in the
+    replicas, queued at the callers' handles)."""
     replicas = [ReplicaID(unique_id=f"r{i}", deployment_id=DEPLOYMENT) for i in range(current)]
     aggregated = {
         name: dict(zip(replicas, values, strict=False)) for name, values in metrics.items()
@@ -61,8 +64,8 @@ def _context(
         current_num_replicas=current,
         target_num_replicas=current if target is None else target,
         running_replicas=replicas,
-        total_num_requests=0.0,
-        total_queued_requests=0.0,
+        total_num_requests=requests[0] + requests[1],
+        total_queued_requests=requests[1],
         aggregated_metrics=aggregated,
         raw_metrics={},
         capacity_adjusted_min_replicas=min_replicas,
@@ -93,7 +96,25 @@ def test_vision_replicas_follow_pending_tiles(
     policy = QueuedTilesPolicy(target_tiles_per_replica=256)
     replicas, state = policy(_context({PENDING_TILES: tiles}, current=current))
     assert replicas == expected
-    assert state == {PENDING_TILES: sum(tiles)}
+    assert state == {PENDING_TILES: sum(tiles), QUEUED_TILES: 0.0}
+
+
+@pytest.mark.parametrize(
+    ("tiles", "requests", "expected"),
+    [
+        ([32.0, 32.0], (64.0, 500.0), 3),  # 1 tile each: 64 in the pool + 500 queued -> 564
+        ([320.0], (32.0, 32.0), 3),  # 10 tiles each: 320 + 32 * 10 -> 640
+        ([0.0], (4.0, 4.0), 1),  # cache hits only: queued ones still count one tile each
+    ],
+)
+def test_vision_policy_counts_requests_queued_at_callers(
+    tiles: list[float], requests: tuple[float, float], expected: int
+) -> None:
+    """A pool at its max_ongoing_requests holds few tiles when images are small; the requests
+    waiting at the handles count at the pool's mean tiles per request."""
+    policy = QueuedTilesPolicy(target_tiles_per_replica=256)
+    ctx = _context({PENDING_TILES: tiles}, current=len(tiles), requests=requests)
+    assert policy(ctx)[0] == expected
 
 
 def test_vision_policy_uses_capacity_adjusted_bounds() -> None:

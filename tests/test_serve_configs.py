@@ -1,5 +1,6 @@
 """Tests for serve_configs/*.yaml through `build_app` (no deploy), and for per-deployment
-autoscaling: on a local cluster, vision and LLM replicas scale out each on its own load.
+autoscaling: on a local cluster, vision (queued tiles) and LLM (engine queue) replicas scale out
+each on its own load.
 """
 
 from __future__ import annotations
@@ -25,10 +26,14 @@ from ray import serve
 from ray.serve import Application
 from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 from ray.serve._private.build_app import build_app as build_deployments
+from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ServeDeploySchema
 
 from deployments.app import build_app, llm_options
+from deployments.autoscaling import PENDING_TILES
+from internvl_core.config import EngineConfig
 from internvl_core.serve_args import AutoscalingOptions, DeploymentOptions, ServeArgs
+from tests.serve_fixtures import wait_until
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "serve_configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
@@ -51,6 +56,14 @@ FAMILY = {
 }
 PP_SIZE = {"40b": 2, "76b": 4, "76b-int8": 2, "v1-2-plus": 2}
 QUANTIZATION = {"76b-int8": "8bit"}
+# Serve policy each deployment scales with on a cluster (tiny.yaml runs fixed replicas).
+DEFAULT_POLICY = "ray.serve.autoscaling_policy:default_autoscaling_policy"
+POLICY = {
+    "Ingress": DEFAULT_POLICY,
+    "Preprocess": DEFAULT_POLICY,
+    "VisionEncoder": "deployments.autoscaling:QueuedTilesPolicy",
+    "LLM": "deployments.autoscaling:EngineQueuePolicy",
+}
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -82,6 +95,11 @@ def test_yaml_validates_through_build_app(path: Path, tiny_checkpoint: Callable[
     for deployment in built.deployments:  # backpressure everywhere: no unbounded queue
         assert deployment.max_ongoing_requests >= 1, deployment.name
         assert deployment.max_queued_requests >= 1, deployment.name
+        autoscaling = deployment._deployment_config.autoscaling_config
+        if path.stem == "tiny":
+            assert autoscaling is None, deployment.name
+            continue
+        assert autoscaling.policy.policy_function == POLICY[deployment.name]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -98,8 +116,15 @@ def test_yaml_gpu_topology(path: Path, tiny_checkpoint: Callable[..., Path]) -> 
         assert args.vision_encoder.num_gpus == 0
         return
     assert args.vision_encoder.num_gpus == 1
-    assert args.vision_encoder.autoscaling is not None
-    assert args.llm.autoscaling is not None
+    vision, llm = args.vision_encoder.autoscaling, args.llm.autoscaling
+    assert vision is not None
+    assert llm is not None
+    assert (vision.policy, llm.policy) == ("queued_tiles", "engine_queue")
+    # One encoder batch (max_batch_tiles) at least, a few at most, queued per vision GPU.
+    assert args.vision.max_batch_tiles <= vision.target_tiles_per_replica
+    assert vision.target_tiles_per_replica <= 4 * args.vision.max_batch_tiles
+    assert 1 <= llm.target_waiting_per_replica <= args.engine.max_num_seqs
+    assert 0.5 <= llm.target_kv_usage < 1
     if pp_size == 1:
         assert options["ray_actor_options"]["num_gpus"] == 1
         assert "placement_group_bundles" not in options
@@ -121,6 +146,17 @@ def test_yaml_gpu_topology(path: Path, tiny_checkpoint: Callable[..., Path]) -> 
         ({"vision": {"max_batch_tiles": 0}}, "vision.max_batch_tiles"),
         ({"model_pth": "x"}, "model_pth"),
         ({"model_path": "/nonexistent/checkpoint"}, "model_path"),
+        ({"llm": {"autoscaling": {"policy": "queued_tiles"}}}, "llm.autoscaling.policy"),
+        (
+            {"vision_encoder": {"autoscaling": {"policy": "engine_queue"}}},
+            "vision_encoder.autoscaling.policy",
+        ),
+        ({"preprocess": {"autoscaling": {"policy": "engine_queue"}}}, "preprocess.autoscaling"),
+        ({"llm": {"autoscaling": {"target_kv_usage": 1.5}}}, "llm.autoscaling.target_kv_usage"),
+        (
+            {"vision_encoder": {"autoscaling": {"target_tiles_per_replica": 0}}},
+            "vision_encoder.autoscaling.target_tiles_per_replica",
+        ),
     ],
 )
 def test_wrong_arg_fails_naming_the_field(
@@ -143,6 +179,8 @@ def test_command_line_args_build(tiny_qwen2: Path) -> None:
 # ---- autoscaling: vision and LLM replicas follow their own load --------------------------------
 IMAGE_SIDE = (448, 280)  # 8 x 5 tiles of 56 px (+ thumbnail) at max_dynamic_patch 40
 IMAGES_PER_REQUEST = 3  # 123 tiles: the vision pool does most of the work
+IMAGE_TILES = 41  # one image: 40 tiles + thumbnail
+ABANDON_AFTER_S = 1.0  # client timeout of the disconnecting requests
 VIT_LAYERS = 64  # a deep tiny ViT: encoding dominates image requests, as with InternViT-6B
 PHASE_TIMEOUT_S = 90.0
 
@@ -167,16 +205,17 @@ def serve_url() -> Iterator[str]:
         ray.shutdown()
 
 
-def _scaled(target: float) -> DeploymentOptions:
-    """1..2 replicas reacting within about a second (upscale at once, short windows)."""
+def _scaled(**policy: Any) -> DeploymentOptions:
+    """1..2 replicas under `policy` reacting within about a second (upscale at once, short
+    windows)."""
     autoscaling = AutoscalingOptions(
         min_replicas=1,
         max_replicas=2,
-        target_ongoing_requests=target,
         upscale_delay_s=0,
         downscale_delay_s=1,
         look_back_period_s=1,
         metrics_interval_s=0.2,
+        **policy,
     )
     return _fast(autoscaling=autoscaling, num_gpus=1, max_ongoing_requests=32)
 
@@ -291,6 +330,36 @@ async def _load_and_watch(
     return statuses, peaks
 
 
+def _max_pending_tiles(pool: DeploymentHandle, reads: int = 10) -> float:
+    """The largest pending-tile count over `reads` calls (each reaches a random replica)."""
+    return max(pool.record_autoscaling_stats.remote().result()[PENDING_TILES] for _ in range(reads))
+
+
+async def _abandon_image_requests(
+    url: str, pool: DeploymentHandle, *, count: int
+) -> tuple[float, int]:
+    """`count` image requests whose clients disconnect after ABANDON_AFTER_S, mid-encoding.
+
+    Returns the most pending tiles seen in the pool meanwhile and how many were abandoned.
+    """
+    seen = 0.0
+
+    async def post(client: httpx.AsyncClient, index: int) -> bool:
+        try:
+            await client.post("/v1/chat/completions", json=_image_request(10**5 + index))
+        except httpx.TimeoutException:
+            return True
+        return False
+
+    async with httpx.AsyncClient(base_url=url, timeout=ABANDON_AFTER_S) as client:
+        posts = [asyncio.ensure_future(post(client, i)) for i in range(count)]
+        while not all(p.done() for p in posts):
+            stats = await pool.record_autoscaling_stats.remote()
+            seen = max(seen, stats[PENDING_TILES])
+            await asyncio.sleep(0.05)
+        return seen, sum([p.result() for p in posts])
+
+
 def _wait_for_replicas(app_name: str, deployment: str, count: int, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -313,8 +382,11 @@ def test_vision_and_llm_scale_independently(
         dtype="float32",
         ingress=_fast(max_ongoing_requests=64),
         preprocess=_fast(max_ongoing_requests=32),
-        vision_encoder=_scaled(target=2),  # the same policy for both pools
-        llm=_scaled(target=2),
+        # One image request queues 123 tiles: two replicas' worth.
+        vision_encoder=_scaled(policy="queued_tiles", target_tiles_per_replica=64),
+        # Two sequences run per engine; text load leaves the rest waiting, over target.
+        llm=_scaled(policy="engine_queue", target_waiting_per_replica=2, target_kv_usage=0.9),
+        engine=EngineConfig(max_num_seqs=2, num_kv_blocks=512),
     )
     app_name = "autoscaling"
     serve.run(build_app(args), name=app_name, route_prefix="/")
@@ -337,5 +409,12 @@ def test_vision_and_llm_scale_independently(
         assert peaks.running["LLM"] == 2
         assert peaks.active["VisionEncoder"] == 1
         assert set(statuses) == {200}
+        # The vision policy's signal: tiles count while in the pool and none stays behind
+        # once the requests are gone, those whose clients disconnected included.
+        pool = serve.get_deployment_handle("VisionEncoder", app_name)
+        seen, abandoned = asyncio.run(_abandon_image_requests(serve_url, pool, count=8))
+        assert seen >= IMAGE_TILES
+        assert abandoned >= 1
+        assert wait_until(lambda: _max_pending_tiles(pool) == 0, timeout_s=PHASE_TIMEOUT_S)
     finally:
         serve.delete(app_name)

@@ -149,11 +149,11 @@ async def _inproc(
     return await _run_bounded(bodies, concurrency, one)
 
 
-def _serve_args(model_path: str) -> dict[str, Any]:
+def _tiny_app_config(model_path: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """tiny.yaml's `args` (with `model_path` replaced) and its `logging_config`."""
     config = yaml.safe_load(Path("serve_configs/tiny.yaml").read_text())
-    app_args = dict(config["applications"][0]["args"])
-    app_args["model_path"] = model_path
-    return app_args
+    app = config["applications"][0]
+    return {**app["args"], "model_path": model_path}, app.get("logging_config")
 
 
 def _device() -> str:
@@ -174,7 +174,8 @@ def main() -> None:
     from internvl_core.testing import make_tiny_checkpoint
 
     model_path = opts.model or str(make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny"))
-    args = ServeArgs.model_validate(_serve_args(model_path))
+    app_args, logging_config = _tiny_app_config(model_path)
+    args = ServeArgs.model_validate(app_args)
     bodies = _bodies(args.model_name, opts.requests, opts.image_share, opts.max_tokens)
 
     in_s, in_ttft, in_err = asyncio.run(_inproc(bodies, opts.concurrency, args))
@@ -187,7 +188,7 @@ def main() -> None:
     ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(args), name="bench", route_prefix="/")
+    serve.run(build_app(args), name="bench", route_prefix="/", logging_config=logging_config)
     try:
         g_s, g_ttft, g_err = asyncio.run(_graph(bodies, opts.concurrency, port))
     finally:

@@ -178,7 +178,7 @@ class IngressDeployment:
             self.inflight -= 1
 
     def _start(self, parsed: ChatCompletionRequest, request_id: str) -> list[AsyncIterator[Any]]:
-        logger.info(
+        logger.debug(
             "request %s: %d messages, stream=%s", request_id, len(parsed.messages), parsed.stream
         )
         prepared = self.preprocess.prepare.remote(parsed, request_id)

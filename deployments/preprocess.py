@@ -38,7 +38,7 @@ class PreprocessDeployment:
         fetched = self.preparer.fetcher.bytes_fetched - fetched
         if fetched > 0:  # Ray counters refuse inc(0)
             self.metrics.bytes.inc(fetched)
-        logger.info(
+        logger.debug(
             "request %s: %d prompt tokens, %d tiles, %.1f ms",
             request_id,
             len(prepared.prompt_token_ids),

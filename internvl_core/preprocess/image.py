@@ -6,9 +6,11 @@ In: a path, bytes, file-like or PIL image and a `TilingConfig`. Out: float32 pix
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -217,15 +219,25 @@ def tile_pixels(image: Image.Image, cfg: TilingConfig) -> list[np.ndarray]:
     cols, rows = find_grid(
         image.width, image.height, min_num=cfg.min_num, max_num=cfg.max_num, image_size=size
     )
+    # The thumbnail resize runs beside the grid resize (PIL releases the GIL while resampling);
+    # each is the same single PIL call as the original, so the pixels are identical.
+    thumb_future = None
+    if cfg.use_thumbnail and rows * cols != 1:
+        thumb_future = _resize_pool().submit(image.resize, (size, size), Image.Resampling.BICUBIC)
     resized = image.resize((size * cols, size * rows), Image.Resampling.BICUBIC)
     grid = np.asarray(resized).reshape(rows, size, cols, size, 3)  # [rows, S, cols, S, 3]
     # Row-major tiles, same as cropping left->right, top->bottom.
     blocks = grid.transpose(0, 2, 1, 3, 4).reshape(rows * cols, size, size, 3)  # [n, S, S, 3]
     parts = [blocks]
-    if cfg.use_thumbnail and rows * cols != 1:
-        thumb = np.asarray(image.resize((size, size), Image.Resampling.BICUBIC))  # [S, S, 3]
-        parts.append(thumb[None])  # [1, S, S, 3]
+    if thumb_future is not None:
+        parts.append(np.asarray(thumb_future.result())[None])  # [1, S, S, 3]
     return parts
+
+
+@functools.cache
+def _resize_pool() -> ThreadPoolExecutor:
+    """One small pool per process, created on first use (imports stay side-effect free)."""
+    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="thumbnail")
 
 
 def normalize_pixels(parts: list[np.ndarray], size: int) -> np.ndarray:

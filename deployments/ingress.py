@@ -11,6 +11,7 @@ import json
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -168,7 +169,11 @@ class IngressDeployment:
             self.inflight -= 1
             raise
         if parsed.stream:
-            body = self._stream_body(parsed, request_id, streams, first, start)
+            release = _Release(self)
+            body = self._stream_body(parsed, request_id, streams, first, start, release)
+            # A body the server never iterates (client gone before the first byte) never runs
+            # its `finally`; releasing the slot when the generator is collected covers that.
+            weakref.finalize(body, release)
             return StreamingResponse(body, media_type="text/event-stream", headers=headers)
         try:
             response = await self._complete(parsed, request_id, streams, first, start)
@@ -226,6 +231,7 @@ class IngressDeployment:
         streams: list[AsyncIterator[Any]],
         first: list[GenerationEvent],
         start: float,
+        release: _Release,
     ) -> AsyncIterator[str]:
         chunk_id = completion_id()
         accs = [ChoiceAccumulator(i) for i in range(len(streams))]
@@ -248,7 +254,7 @@ class IngressDeployment:
             logger.warning("request %s failed mid-stream: %r", request_id, e)
             yield sse(json.loads(error_response(e).body))
         finally:
-            self.inflight -= 1
+            release()
             usage = ChoiceAccumulator.usage(accs)
             self.metrics.request_done(status, time.perf_counter() - start, usage.completion_tokens)
         yield sse("[DONE]")
@@ -281,6 +287,18 @@ def _request_id(request: Request) -> tuple[str, dict[str, str]]:
         return f"{given}.{suffix}", {}
     request_id = uuid.uuid4().hex
     return f"{request_id}.{suffix}", {"x-request-id": request_id}
+
+
+class _Release:
+    """Gives an admitted request's slot back exactly once, whichever path gets there first."""
+
+    def __init__(self, ingress: IngressDeployment) -> None:
+        self.ingress: IngressDeployment | None = ingress
+
+    def __call__(self) -> None:
+        if self.ingress is not None:
+            self.ingress.inflight -= 1
+            self.ingress = None
 
 
 async def _first_event(stream: AsyncIterator[Any]) -> GenerationEvent:

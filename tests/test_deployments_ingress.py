@@ -8,6 +8,7 @@ admission control.
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import json
 from collections.abc import AsyncIterator
@@ -219,3 +220,16 @@ def test_models_and_health_routes() -> None:
     assert status == 200 and json.loads(raw)["data"][0]["id"] == MODEL
     status, raw = _call(ingress, _request(b"", path="/health"))
     assert status == 200 and json.loads(raw)["status"] == "ok"
+
+
+def test_stream_never_sent_still_frees_its_slot() -> None:
+    ingress = _ingress(FakeLLM(["a", "b"]), max_inflight=1)
+
+    async def go() -> None:
+        response = await ingress(_request(_body(stream=True)))
+        assert response.status_code == 200 and ingress.inflight == 1
+        del response  # the client left before the server iterated the body
+
+    asyncio.run(go())
+    gc.collect()
+    assert ingress.inflight == 0

@@ -7,6 +7,7 @@ ObjectRef, so hidden states go stage to stage without visiting the replica). Out
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -64,8 +65,9 @@ class RayStageWorker:
     An actor runs one caller's calls in submission order, which the pipeline relies on.
     """
 
-    def __init__(self, actor: Any) -> None:
+    def __init__(self, actor: Any, *, first: bool) -> None:
         self.actor = actor
+        self.first = first
 
     def plan_kv_blocks(self, config: EngineConfig) -> int:
         return ray.get(self.actor.plan_kv_blocks.remote(config))
@@ -74,6 +76,9 @@ class RayStageWorker:
         ray.get(self.actor.init_kv_cache.remote(num_blocks))
 
     def submit(self, batch: ScheduledBatch, prev: Any) -> Any:
+        if not self.first and batch.image_embeds is not None:
+            # Only stage 0 splices images: later stages need not receive the (large) rows.
+            batch = dataclasses.replace(batch, image_embeds=None, image_token_indices=[])
         return self.actor.execute.remote(batch, prev)
 
     def fetch(self, handle: Any) -> StageOutput:
@@ -109,7 +114,9 @@ def build_pipeline_engine(args: ServeArgs, *, dtype: Any) -> tuple[LLMEngine, li
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 placement_group=pg, placement_group_bundle_index=index
             )
-        worker = RayStageWorker(remote_cls.options(**options).remote(args, lo, hi))
+        worker = RayStageWorker(
+            remote_cls.options(**options).remote(args, lo, hi), first=index == 0
+        )
         workers.append(worker)
         return worker
 

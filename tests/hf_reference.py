@@ -7,6 +7,7 @@ independently of our loaders, so end-to-end tests compare against code we did no
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -20,40 +21,42 @@ from transformers import (
     Qwen2Config,
 )
 
+# Original InternViT / mlp1 names -> transformers' InternVLModel names (spec section 5 renames).
+_VISION_RENAMES = [
+    (r"^vision_model\.", "vision_tower."),
+    (r"\.class_embedding$", ".cls_token"),
+    (r"\.position_embedding$", ".position_embeddings"),
+    (r"\.patch_embedding\.", ".patch_embeddings.projection."),
+    (r"\.layers\.", ".layer."),
+    (r"\.ls1$", ".lambda_1"),
+    (r"\.ls2$", ".lambda_2"),
+    (r"\.attn\.proj\.", ".attention.projection_layer."),
+    (r"\.attn\.", ".attention."),
+    (r"\.norm1\.", ".layernorm_before."),
+    (r"\.norm2\.", ".layernorm_after."),
+    (r"^mlp1\.0\.", "multi_modal_projector.layer_norm."),
+    (r"^mlp1\.1\.", "multi_modal_projector.linear_1."),
+    (r"^mlp1\.3\.", "multi_modal_projector.linear_2."),
+]
 
-def _vision_keys(sd: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    out = {
-        "model.vision_tower.embeddings.cls_token": sd["vision_model.embeddings.class_embedding"],
-        "model.vision_tower.embeddings.position_embeddings": sd[
-            "vision_model.embeddings.position_embedding"
-        ],
-    }
-    for suffix in ("weight", "bias"):
-        out[f"model.vision_tower.embeddings.patch_embeddings.projection.{suffix}"] = sd[
-            f"vision_model.embeddings.patch_embedding.{suffix}"
-        ]
-    for i in range(num_layers):
-        src, dst = f"vision_model.encoder.layers.{i}.", f"model.vision_tower.encoder.layer.{i}."
-        out[dst + "lambda_1"] = sd[src + "ls1"]
-        out[dst + "lambda_2"] = sd[src + "ls2"]
-        for suffix in ("weight", "bias"):
-            if src + f"attn.qkv.{suffix}" in sd:
-                q, k, v = sd[src + f"attn.qkv.{suffix}"].chunk(3, dim=0)
-                out[dst + f"attention.q_proj.{suffix}"] = q
-                out[dst + f"attention.k_proj.{suffix}"] = k
-                out[dst + f"attention.v_proj.{suffix}"] = v
-            out[dst + f"attention.projection_layer.{suffix}"] = sd[src + f"attn.proj.{suffix}"]
-            for name in ("fc1", "fc2"):
-                out[dst + f"mlp.{name}.{suffix}"] = sd[src + f"mlp.{name}.{suffix}"]
-            for old, new in (("norm1", "layernorm_before"), ("norm2", "layernorm_after")):
-                if src + f"{old}.{suffix}" in sd:
-                    out[dst + f"{new}.{suffix}"] = sd[src + f"{old}.{suffix}"]
-        for norm in ("q_norm", "k_norm"):
-            if src + f"attn.{norm}.weight" in sd:
-                out[dst + f"attention.{norm}.weight"] = sd[src + f"attn.{norm}.weight"]
-    for idx, name in (("0", "layer_norm"), ("1", "linear_1"), ("3", "linear_2")):
-        for suffix in ("weight", "bias"):
-            out[f"model.multi_modal_projector.{name}.{suffix}"] = sd[f"mlp1.{idx}.{suffix}"]
+
+def hf_vision_keys(
+    tensors: dict[str, torch.Tensor], *, prefix: str = ""
+) -> dict[str, torch.Tensor]:
+    """`vision_model.*` and `mlp1.*` tensors under InternVLModel names (+ `prefix`); the packed
+    `attn.qkv` rows are split into q/k/v. Other keys are ignored."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        if not key.startswith(("vision_model.", "mlp1.")):
+            continue
+        for pattern, repl in _VISION_RENAMES:
+            key = re.sub(pattern, repl, key)
+        key = prefix + key
+        if ".qkv." in key:
+            for name, part in zip("qkv", tensor.chunk(3, dim=0), strict=True):  # [C, ...] each
+                out[key.replace(".qkv.", f".{name}_proj.")] = part
+        else:
+            out[key] = tensor
     return out
 
 
@@ -154,7 +157,7 @@ def build_hf_internvl(path: Path, image_token_id: int) -> InternVLForConditional
         tie_word_embeddings=False,
     )
     model = InternVLForConditionalGeneration(config).eval()
-    state = _vision_keys(sd, vraw["num_hidden_layers"])
+    state = hf_vision_keys(sd, prefix="model.")
     if llm["architectures"][0] == "InternLM2ForCausalLM":
         state.update(_internlm2_to_llama(sd, llm, llm["num_hidden_layers"]))
     else:

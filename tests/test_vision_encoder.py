@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from safetensors.torch import save_file
 from internvl_core.config import ModelArchitecture
 from internvl_core.errors import CheckpointError, InvalidRequestError
 from internvl_core.vision.encoder import VisionEncoder
+from tests.hf_reference import hf_vision_keys
 
 VIT, INNER, LLM = 32, 64, 64
 
@@ -132,35 +132,8 @@ def _pixels(num_tiles: int, seed: int) -> torch.Tensor:
 
 
 def _to_hf(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Original keys -> InternVLModel keys, following the conversion renames of spec section 5."""
-    renames = [
-        (r"^vision_model\.", "vision_tower."),
-        (r"\.class_embedding$", ".cls_token"),
-        (r"\.position_embedding$", ".position_embeddings"),
-        (r"\.patch_embedding\.", ".patch_embeddings.projection."),
-        (r"\.layers\.", ".layer."),
-        (r"\.ls1$", ".lambda_1"),
-        (r"\.ls2$", ".lambda_2"),
-        (r"\.attn\.proj\.", ".attention.projection_layer."),
-        (r"\.attn\.", ".attention."),
-        (r"\.norm1\.", ".layernorm_before."),
-        (r"\.norm2\.", ".layernorm_after."),
-        (r"^mlp1\.0\.", "multi_modal_projector.layer_norm."),
-        (r"^mlp1\.1\.", "multi_modal_projector.linear_1."),
-        (r"^mlp1\.3\.", "multi_modal_projector.linear_2."),
-    ]
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in tensors.items():
-        if key.startswith("language_model."):
-            continue
-        for pattern, repl in renames:
-            key = re.sub(pattern, repl, key)
-        if ".qkv." in key:
-            for name, part in zip("qkv", tensor.chunk(3, dim=0), strict=True):  # [C, ...] each
-                out[key.replace(".qkv.", f".{name}_proj.")] = part
-        else:
-            out[key] = tensor
-    return out
+    """Original keys -> InternVLModel keys (spec section 5 renames)."""
+    return hf_vision_keys(tensors)
 
 
 def _hf_model(arch: ModelArchitecture, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 from torch import nn
@@ -11,6 +9,7 @@ from torch import nn
 from internvl_core.config import VisionArchitecture
 from internvl_core.errors import CheckpointError
 from internvl_core.vision.intern_vit import InternRMSNorm, InternViT
+from tests.hf_reference import hf_vision_keys
 
 LAYOUTS = ("300m", "6b")
 
@@ -41,29 +40,8 @@ def randomize(module: nn.Module, seed: int) -> None:
 
 def to_hf_vision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Original InternViT names (no `vision_model.` prefix) -> InternVLVisionModel names."""
-    renames = [
-        (r"^embeddings\.class_embedding$", "embeddings.cls_token"),
-        (r"^embeddings\.position_embedding$", "embeddings.position_embeddings"),
-        (r"^embeddings\.patch_embedding\.", "embeddings.patch_embeddings.projection."),
-        (r"^encoder\.layers\.", "encoder.layer."),
-        (r"\.ls1$", ".lambda_1"),
-        (r"\.ls2$", ".lambda_2"),
-        (r"\.attn\.proj\.", ".attention.projection_layer."),
-        (r"\.attn\.", ".attention."),
-        (r"\.norm1\.", ".layernorm_before."),
-        (r"\.norm2\.", ".layernorm_after."),
-    ]
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
-        new = key
-        for pattern, repl in renames:
-            new = re.sub(pattern, repl, new)
-        if ".attention.qkv." in new:
-            for name, part in zip("qkv", tensor.chunk(3, dim=0), strict=True):  # [C, ...] each
-                out[new.replace(".qkv.", f".{name}_proj.")] = part
-        else:
-            out[new] = tensor
-    return out
+    prefixed = {f"vision_model.{key}": tensor for key, tensor in state.items()}
+    return {k.removeprefix("vision_tower."): v for k, v in hf_vision_keys(prefixed).items()}
 
 
 def hf_vision_model(arch: VisionArchitecture, state: dict[str, torch.Tensor]) -> nn.Module:

@@ -16,6 +16,7 @@ import ray
 from ray import serve
 
 from deployments.app import build_app
+from deployments.serve_env import THROUGHPUT_ENV, direct_ingress_urls
 from internvl_core.serve_args import DeploymentOptions, ServeArgs
 
 FAST_SHUTDOWN_S = 0.5
@@ -30,14 +31,20 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_cluster(*, num_cpus: int = 8, num_gpus: int = 4) -> Iterator[str]:
+def serve_cluster(
+    *, num_cpus: int = 8, num_gpus: int = 4, throughput_mode: bool = False
+) -> Iterator[str]:
     """A fresh local Ray cluster (GPUs are logical) with Serve's HTTP proxy on 127.0.0.1.
 
-    Yields the base URL. Token auth is off for this local-only cluster (ray-serve-notes sec. 4).
+    Yields the proxy's base URL. Token auth is off for this local-only cluster (ray-serve-notes
+    sec. 4). `throughput_mode` runs every Ray worker as `make run` does (deployments/serve_env):
+    the ingress replica then also serves HTTP itself, on 127.0.0.1 from port 30000. The driver
+    keeps Ray's defaults, so its synchronous handle calls work.
     """
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     port = free_port()
+    env_vars = {"HF_HUB_OFFLINE": "1", **(THROUGHPUT_ENV if throughput_mode else {})}
     # "local": a plain ray.init() would join any cluster recorded in /tmp/ray by `ray start` or
     # `ray.cluster_utils.Cluster` (another test or engineer on this machine).
     ray.init(
@@ -46,7 +53,7 @@ def serve_cluster(*, num_cpus: int = 8, num_gpus: int = 4) -> Iterator[str]:
         num_gpus=num_gpus,
         include_dashboard=False,
         log_to_driver=False,
-        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}},
+        runtime_env={"env_vars": env_vars},
     )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -86,11 +93,14 @@ def tiny_serve_args(model_path: Path, **overrides: Any) -> ServeArgs:
 
 
 @contextlib.contextmanager
-def deployed_app(args: ServeArgs, name: str) -> Iterator[None]:
-    """`build_app(args)` running on route prefix "/" until the block ends, then deleted."""
+def deployed_app(args: ServeArgs, name: str) -> Iterator[list[str]]:
+    """`build_app(args)` running on route prefix "/" until the block ends, then deleted.
+
+    Yields the ingress replicas' own URLs (direct ingress, `throughput_mode` clusters), else [].
+    """
     serve.run(build_app(args), name=name, route_prefix="/")
     try:
-        yield
+        yield direct_ingress_urls(name, host="127.0.0.1")
     finally:
         serve.delete(name)
 

@@ -29,6 +29,30 @@ async def _resolve(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
 
 
+class _Options:
+    """`handle.options(...)`: a view of the same fake that logs each call with its transport."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bool]] = []  # (method, by reference)
+
+    def options(self, **kwargs: Any) -> Any:
+        return _OptionsView(self, kwargs.get("_by_reference", True))
+
+
+class _OptionsView:
+    def __init__(self, fake: _Options, by_reference: bool) -> None:
+        self.fake, self.by_reference = fake, by_reference
+
+    def __getattr__(self, method: str) -> _Call:
+        call = getattr(self.fake, method)
+
+        def logged(*args: Any) -> Any:
+            self.fake.calls.append((method, self.by_reference))
+            return call.remote(*args)
+
+        return _Call(logged)
+
+
 class _Call:
     """`handle.method.remote(...)` -> an awaitable (unary) or async iterator (stream)."""
 
@@ -39,10 +63,11 @@ class _Call:
         return self.fn(*args)
 
 
-class FakePreprocess:
+class FakePreprocess(_Options):
     """`prepare` returns a shared future, as a DeploymentResponse may be awaited by several."""
 
     def __init__(self, error: Exception | None = None) -> None:
+        super().__init__()
         self.error = error
         self.prepare = _Call(self._prepare)
         self.health = _Call(self._ok)
@@ -59,8 +84,9 @@ class FakePreprocess:
         return True
 
 
-class FakeVision:
+class FakeVision(_Options):
     def __init__(self) -> None:
+        super().__init__()
         self.encode = _Call(self._encode)
         self.health = _Call(self._ok)
 
@@ -71,22 +97,21 @@ class FakeVision:
         return True
 
 
-class FakeLLM:
+class FakeLLM(_Options):
     """Streams `texts` as one event each; choice i gets suffix `-i`; optionally waits first."""
 
     def __init__(self, texts: list[str], *, delay_s: float = 0.0) -> None:
+        super().__init__()
         self.texts = texts
         self.delay_s = delay_s
         self.generate = _Call(self._generate)
         self.health = _Call(self._ok)
 
-    def options(self, **_: Any) -> FakeLLM:
-        return self
-
     async def _generate(
         self, prepared: Any, embeds: Any, index: int, interval: float
     ) -> AsyncIterator[dict[str, Any]]:
         await _resolve(prepared)
+        await _resolve(embeds)
         await asyncio.sleep(self.delay_s)
         for k, text in enumerate(self.texts):
             last = k == len(self.texts) - 1
@@ -160,6 +185,19 @@ def test_grounding_boxes_and_usage_in_completion() -> None:
     assert first["boxes"] == [{"ref": "cat", "box": [10, 20, 300, 400]}]
     assert payload["choices"][1]["message"]["content"].endswith("sits-1")
     assert payload["usage"] == {"prompt_tokens": 11, "completion_tokens": 6, "total_tokens": 17}
+
+
+def test_media_requests_go_by_reference_text_requests_by_value() -> None:
+    pre, llm = FakePreprocess(), FakeLLM(["a", "b"])
+    ingress = _ingress(llm, pre)
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    media = [{"role": "user", "content": [image, {"type": "text", "text": "what?"}]}]
+    assert _call(ingress, _request(_body()))[0] == 200
+    assert _call(ingress, _request(_body(messages=media)))[0] == 200
+    # Arrays never pass through the ingress: pixels and embeddings stay in the object store.
+    assert pre.calls == [("prepare", False), ("prepare", True)]
+    assert ingress.vision.calls == [("encode", True)]
+    assert llm.calls == [("generate", False), ("generate", True)]
 
 
 def test_stream_chunks_usage_and_done() -> None:

@@ -73,7 +73,7 @@ class Graph:
 
 @pytest.fixture(scope="module")
 def cluster_url() -> Iterator[str]:
-    with serve_cluster(num_cpus=8, num_gpus=4) as url:
+    with serve_cluster(num_cpus=8, num_gpus=4, throughput_mode=True) as url:
         yield url
 
 
@@ -205,8 +205,21 @@ class TestGraph:
     @pytest.fixture(scope="class")
     def graph(self, cluster_url: str, tiny_qwen2: Path) -> Iterator[Graph]:
         args = main_args(tiny_qwen2)
-        with deployed_app(args, "e2e"):
-            yield _graph(cluster_url, "e2e", args)
+        with deployed_app(args, "e2e") as direct:
+            # The ingress replica's own port, as a load balancer reaches it in `make run`'s mode.
+            assert len(direct) == 1
+            yield _graph(direct[0], "e2e", args)
+
+    def test_serve_proxy_port_serves_too(self, graph: Graph, cluster_url: str) -> None:
+        assert graph.url != cluster_url
+        response = httpx.post(
+            f"{cluster_url}/v1/chat/completions",
+            json=chat_body([user("Hi there.")], max_tokens=4),
+            timeout=TIMEOUT_S,
+        )
+        assert response.status_code == 200
+        direct = graph.post(chat_body([user("Hi there.")], max_tokens=4))
+        assert response.json()["choices"] == direct.json()["choices"]
 
     def test_models_and_health(self, graph: Graph) -> None:
         assert [m.id for m in graph.client.models.list().data] == [MODEL]
@@ -452,8 +465,8 @@ class TestOverload:
 
     @pytest.fixture(scope="class")
     def overload(self, cluster_url: str, tiny_qwen2: Path) -> Iterator[Overload]:
-        url = f"{cluster_url}/v1/chat/completions"
-        with deployed_app(overload_args(tiny_qwen2), "overload"):
+        with deployed_app(overload_args(tiny_qwen2), "overload") as direct:
+            url = f"{direct[0]}/v1/chat/completions"
             refused, burst = asyncio.run(overload_scenario(url))
             llm = serve.get_deployment_handle("LLM", app_name="overload")
 

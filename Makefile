@@ -28,8 +28,10 @@ $(TINY)/config.json: | $(STAMP)
 tiny: $(TINY)/config.json
 
 # Serves the tiny default model on 127.0.0.1:8000 (Ctrl-C stops it). Token auth off: local only.
+# Ray's throughput mode (deployments/serve_env.py): the ingress replica also serves 127.0.0.1:30000.
+SERVE_ENV := RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_LOG_TO_STDERR=1
 run: $(STAMP) $(TINY)/config.json
-	RAY_AUTH_MODE=disabled $(BIN)/serve run serve_configs/tiny.yaml
+	RAY_AUTH_MODE=disabled $(SERVE_ENV) $(BIN)/serve run serve_configs/tiny.yaml
 
 demo: $(STAMP) $(TINY)/config.json
 	$(BIN)/python -m internvl_core.demo --model $(TINY)

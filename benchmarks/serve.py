@@ -54,6 +54,39 @@ def _bodies(model: str, num: int, image_share: float, max_tokens: int) -> list[d
     return bodies
 
 
+def _cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) so far of every process on this machine, by process title
+    (Ray names its workers `ray::ServeReplica:app:Deployment`, `ray::ProxyActor`, ...)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+        except OSError:
+            continue
+        fields = stat.rpartition(")")[2].split()
+        if int(pid) == os.getpid():
+            name = "client+driver"
+        elif title.startswith("ray::"):
+            name = title.removeprefix("ray::ServeReplica:").split(".")[0]  # drop the method
+        else:
+            name = title.rsplit("/", 1)[-1] or "?"
+        out[f"{name}#{pid}"] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def _core_ms_per_request(before: dict[str, float], after: dict[str, float], n: int) -> dict:
+    """Core-milliseconds per request by process name (summed over pids), largest first."""
+    spent: dict[str, float] = {}
+    for key, seconds in after.items():
+        name = key.rsplit("#", 1)[0]
+        spent[name] = spent.get(name, 0.0) + seconds - before.get(key, 0.0)
+    rows = {k: round(v * 1e3 / n, 2) for k, v in spent.items() if v * 1e3 / n >= 0.1}
+    rows = dict(sorted(rows.items(), key=lambda kv: -kv[1]))
+    return {"total": round(sum(rows.values()), 2), **rows}
+
+
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -184,7 +217,9 @@ def main() -> None:
     args = ServeArgs.model_validate(app_args)
     bodies = _bodies(args.model_name, opts.requests, opts.image_share, opts.max_tokens)
 
+    cpu0 = _cpu_seconds()
     in_s, in_ttft, in_err = asyncio.run(_inproc(bodies, opts.concurrency, args))
+    inproc_cpu = _core_ms_per_request(cpu0, _cpu_seconds(), opts.requests)
 
     import ray
     from ray import serve
@@ -208,9 +243,11 @@ def main() -> None:
     proxy_url = f"http://127.0.0.1:{port}"
     direct = direct_ingress_urls("bench", host="127.0.0.1")
     try:
-        g_s, g_ttft, g_err = asyncio.run(
-            _graph(bodies, opts.concurrency, (direct or [proxy_url])[0])
-        )
+        front_url = (direct or [proxy_url])[0]
+        asyncio.run(_graph(bodies[:64], opts.concurrency, front_url))  # warm every stage
+        cpu0 = _cpu_seconds()
+        g_s, g_ttft, g_err = asyncio.run(_graph(bodies, opts.concurrency, front_url))
+        graph_cpu = _core_ms_per_request(cpu0, _cpu_seconds(), opts.requests)
         p_s, _, p_err = (
             asyncio.run(_graph(bodies, opts.concurrency, proxy_url)) if direct else (g_s, [], g_err)
         )
@@ -241,6 +278,8 @@ def main() -> None:
                 else None,
                 "errors": g_err + p_err,
                 "inproc_errors": in_err,
+                "graph_core_ms_per_req": graph_cpu,
+                "inproc_core_ms_per_req": inproc_cpu,
                 "device": _device(),
             }
         )

@@ -39,6 +39,7 @@ from internvl_core.protocol import ChatCompletionRequest
 from internvl_core.serve_args import MediaLimits
 from internvl_core.tokenizer import Tokenizer, load_tokenizer
 from tests import media_factory as mf
+from tests.local_media_host import local_media_host
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def _routes(server: MediaServer) -> dict[str, Callable[[web.Request], Awaitable[
     }
 
 
-async def _start(server: MediaServer) -> web.AppRunner:
+def _app(server: MediaServer) -> web.Application:
     @web.middleware
     async def count(request: web.Request, handler: Any) -> web.StreamResponse:
         local_ip = request.transport.get_extra_info("sockname")[0]  # type: ignore[union-attr]
@@ -126,27 +127,15 @@ async def _start(server: MediaServer) -> web.AppRunner:
     app = web.Application(middlewares=[count])
     for path, handler in _routes(server).items():
         app.router.add_get(path, handler)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    first = web.TCPSite(runner, "127.0.0.1", 0, shutdown_timeout=0.5)
-    await first.start()
-    server.port = first._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    await web.TCPSite(runner, "127.0.0.2", server.port, shutdown_timeout=0.5).start()
-    return runner
+    return app
 
 
 @pytest.fixture(scope="module")
 def media_server() -> Iterator[MediaServer]:
     server = MediaServer()
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="media-server", daemon=True)
-    thread.start()
-    runner = asyncio.run_coroutine_threadsafe(_start(server), loop).result(10)
-    yield server
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    loop.close()
+    with local_media_host(_app(server)) as port:
+        server.port = port
+        yield server
 
 
 @dataclass
@@ -195,11 +184,16 @@ async def _no_tasks_left() -> None:
     raise AssertionError(f"tasks left running after a refusal: {others}")
 
 
+def _threads() -> list[str]:
+    """Live threads but the process-wide thumbnail resize pool, which lives on by design."""
+    return [t.name for t in threading.enumerate() if not t.name.startswith("thumbnail")]
+
+
 def _wait_for_threads(baseline: int) -> None:
     deadline = time.monotonic() + 2.0
-    while threading.active_count() > baseline and time.monotonic() < deadline:
+    while len(_threads()) > baseline and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert threading.active_count() <= baseline, [t.name for t in threading.enumerate()]
+    assert len(_threads()) <= baseline, _threads()
 
 
 def _refused(
@@ -212,7 +206,7 @@ def _refused(
     follow_up: ChatCompletionRequest | None = None,
 ) -> tuple[InternVLError, float]:
     """Refusal of `request`, its time, then a normal request on the same preparer; no leaks."""
-    baseline = threading.active_count()
+    baseline = len(_threads())
     follow_up = follow_up or _request(_image(mf.data_url(OK_PNG)))
 
     async def scenario() -> tuple[InternVLError, float, PreparedRequest]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -28,6 +27,7 @@ from internvl_core.preprocess.prompt import build_query, expand_image_placeholde
 from internvl_core.serve_args import MediaLimits
 from internvl_core.tokenizer import Tokenizer, load_tokenizer
 from tests import media_factory as mf
+from tests.local_media_host import local_media_host
 from tests.request_strategies import MAX_NEW, METADATA, MODEL, chat_body, collect_bodies, image
 from tests.serve_fixtures import deployed_app, serve_cluster, tiny_serve_args, wait_until
 
@@ -73,30 +73,19 @@ class MediaServer:
         bodies = {"/reuse.png": png("reuse"), "/big": bytes(2 * MAX_IMAGE_BYTES)}
         return web.Response(body=bodies.get(request.path, png("ok")), content_type="image/png")
 
-    async def start(self) -> web.AppRunner:
+    def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/{path:.*}", self.handle)
-        runner = web.AppRunner(app, shutdown_timeout=0.5)
-        await runner.setup()
-        first = web.TCPSite(runner, "127.0.0.1", 0, shutdown_timeout=0.5)
-        await first.start()
-        self.port = first._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        await web.TCPSite(runner, "127.0.0.2", self.port, shutdown_timeout=0.5).start()
-        return runner
+        return app
 
 
 @pytest.fixture(scope="module")
 def media_server() -> Iterator[MediaServer]:
     """The media host on its own thread and loop, so it answers while a test blocks."""
-    server, loop = MediaServer(), asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="media-server", daemon=True)
-    thread.start()
-    runner = asyncio.run_coroutine_threadsafe(server.start(), loop).result(10)
-    yield server
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    loop.close()
+    server = MediaServer()
+    with local_media_host(server.app()) as port:
+        server.port = port
+        yield server
 
 
 # ---- the app -----------------------------------------------------------------------------

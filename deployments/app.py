@@ -146,5 +146,6 @@ def build_app(args: ServeArgs) -> Application:
             max_model_len=args.engine.max_model_len,
             max_inflight=max_inflight,
             stream_interval_s=args.stream_interval_s,
+            text_args=args,
         )
     )

@@ -1,7 +1,8 @@
 """HTTP ingress: OpenAI routes, composition of the stages per request, SSE, error mapping.
 
 In: starlette requests. Out: OpenAI JSON / server-sent events. Large arrays never materialise
-here: the preprocess response is passed by reference to the vision pool and the LLM replica.
+here: for a request with media, the Preprocess response is passed by reference to the vision
+pool and the LLM replica. A text-only request is tokenized here and goes to the LLM by value.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from deployments.events import ChoiceAccumulator, GenerationEvent, unwrap_error
 from deployments.metrics import IngressMetrics
+from deployments.preprocess import PreprocessDeployment
 from internvl_core.errors import (
     EngineOverloadedError,
     InternVLError,
@@ -40,6 +42,7 @@ from internvl_core.protocol import (
     ModelList,
     completion_id,
 )
+from internvl_core.serve_args import ServeArgs
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +93,14 @@ class IngressDeployment:
         max_model_len: int,
         max_inflight: int,
         stream_interval_s: float = 0.0,
+        text_args: ServeArgs | None = None,
     ) -> None:
         self.preprocess = preprocess
+        # With `text_args`, text-only requests are prepared here: a template and a tokenizer
+        # call cost less than the hop to the Preprocess deployment, which keeps all media work.
+        self.text_preparer: Any | None = (
+            PreprocessDeployment(text_args) if text_args is not None else None
+        )
         self.vision = vision
         self.llm = llm
         # Media requests carry pixel and embedding arrays: every hop goes by reference, so the
@@ -179,7 +188,7 @@ class IngressDeployment:
         self.inflight += 1
         start = time.perf_counter()
         try:
-            streams = self._start(parsed, request_id)
+            streams = await self._start(parsed, request_id)
             first = [await _first_event(s) for s in streams]  # errors surface before headers
         except BaseException:
             self.inflight -= 1
@@ -198,7 +207,9 @@ class IngressDeployment:
         finally:
             self.inflight -= 1
 
-    def _start(self, parsed: ChatCompletionRequest, request_id: str) -> list[AsyncIterator[Any]]:
+    async def _start(
+        self, parsed: ChatCompletionRequest, request_id: str
+    ) -> list[AsyncIterator[Any]]:
         logger.debug(
             "request %s: %d messages, stream=%s", request_id, len(parsed.messages), parsed.stream
         )
@@ -207,7 +218,10 @@ class IngressDeployment:
             for m in parsed.messages
         )
         route = self._media_route if has_media else self._text_route
-        prepared = route.preprocess.prepare.remote(parsed, request_id)
+        if has_media or self.text_preparer is None:
+            prepared = route.preprocess.prepare.remote(parsed, request_id)
+        else:
+            prepared = await self.text_preparer.prepare(parsed, request_id)
         embeds = route.vision.encode.remote(prepared) if route.vision is not None else None
         llm = route.llm
         # Non-streaming callers need only the first event (errors) and the final one.

@@ -200,6 +200,26 @@ def test_media_requests_go_by_reference_text_requests_by_value() -> None:
     assert llm.calls == [("generate", False), ("generate", True)]
 
 
+def test_text_prepared_in_the_ingress_when_it_has_a_preparer() -> None:
+    pre, llm = FakePreprocess(), FakeLLM(["a", "b"])
+    ingress = _ingress(llm, pre)
+    prepared: list[str] = []
+
+    class LocalPreparer:
+        async def prepare(self, request: Any, request_id: str) -> str:
+            prepared.append(request_id)
+            return request_id
+
+    ingress.text_preparer = LocalPreparer()
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    media = [{"role": "user", "content": [image, {"type": "text", "text": "what?"}]}]
+    assert _call(ingress, _request(_body()))[0] == 200
+    assert _call(ingress, _request(_body(messages=media)))[0] == 200
+    assert len(prepared) == 1  # the text request; the media one went to the deployment
+    assert pre.calls == [("prepare", True)]
+    assert llm.calls == [("generate", False), ("generate", True)]
+
+
 def test_stream_chunks_usage_and_done() -> None:
     body = _body(stream=True, stream_options={"include_usage": True})
     status, raw = _call(_ingress(FakeLLM(["a", "b"])), _request(body))

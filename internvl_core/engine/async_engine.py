@@ -1,15 +1,20 @@
-"""AsyncLLMEngine: an asyncio front over LLMEngine with one background step loop.
+"""AsyncLLMEngine: an asyncio front over LLMEngine with one dedicated step thread.
 
-`generate(...)` is an async iterator of RequestOutput per request. `step()` runs in a worker thread
-so the event loop stays free; adds and aborts that arrive mid-step are applied right after it.
-A consumer that stops iterating (closed generator, cancelled task) aborts its request at once.
+`generate(...)` is an async iterator of RequestOutput per request. The step thread runs
+`LLMEngine.step()` back to back while there is work, so the next step never waits for the event
+loop to get round to starting it (a busy replica loop, e.g. Serve streaming results, used to
+delay every step). Adds and aborts are queued by the loop and applied by the step thread between
+steps; outputs are handed to the loop with `call_soon_threadsafe`. A consumer that stops
+iterating (closed generator, cancelled task) aborts its request at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
 
 import torch
@@ -21,18 +26,21 @@ from internvl_core.errors import EngineDeadError, InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
+JOIN_TIMEOUT_S = 30.0
+
 
 class AsyncLLMEngine:
-    """Streams per request; the engine itself is only touched by the event-loop thread between
-    steps and by the step thread during a step, never by both at once."""
+    """Streams per request; the engine is only touched by the step thread (steps, adds, aborts),
+    except `check_request` and the stats counters, which the loop reads."""
 
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
-        self._deferred: list[Callable[[], None]] = []
-        self._stepping = False
-        self._loop_task: asyncio.Task[None] | None = None
-        self._wake: asyncio.Event | None = None
+        self._ops: collections.deque[Callable[[], None]] = collections.deque()
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._dead: BaseException | None = None
 
     # ---- public API -----------------------------------------------------------------------
@@ -73,12 +81,12 @@ class AsyncLLMEngine:
                     image_hashes=image_hashes,
                 )
             except Exception as e:  # reported to this request's consumer, not the loop
-                queue.put_nowait(e)
+                self._to_loop(queue.put_nowait, e)
 
         finished = False
         try:
-            self._run_between_steps(add)
-            self._ensure_loop()
+            self._ensure_thread()
+            self._submit(add)
             while True:
                 item = await queue.get()
                 if isinstance(item, BaseException):
@@ -91,68 +99,72 @@ class AsyncLLMEngine:
         finally:
             self._streams.pop(request_id, None)
             if not finished:
-                self._run_between_steps(lambda: self.engine.abort(request_id))
+                self._submit(lambda: self.engine.abort(request_id))
 
     async def abort(self, request_id: str) -> None:
         """Abort a request; its stream ends with finish_reason "abort"."""
-        self._run_between_steps(lambda: self.engine.abort(request_id))
+        self._submit(lambda: self.engine.abort(request_id))
 
     async def shutdown(self) -> None:
-        """Stop the step loop (after the current step)."""
-        task, self._loop_task = self._loop_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    # ---- the loop -------------------------------------------------------------------------
-    def _run_between_steps(self, op: Callable[[], None]) -> None:
-        """Run `op` on the engine now if no step is running, else right after the step."""
-        if self._stepping:
-            self._deferred.append(op)
-        else:
-            op()
-        if self._wake is not None:
+        """Stop the step thread (after the current step)."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._stop = True
             self._wake.set()
+            await asyncio.to_thread(thread.join, JOIN_TIMEOUT_S)
 
-    def _ensure_loop(self) -> None:
-        if self._loop_task is None or self._loop_task.done():
-            self._wake = asyncio.Event()
-            self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
+    # ---- the step thread ------------------------------------------------------------------
+    def _submit(self, op: Callable[[], None]) -> None:
+        """Queue `op` for the step thread, which runs it before its next step."""
+        self._ops.append(op)
+        self._wake.set()
 
-    def _apply_deferred(self) -> None:
-        ops, self._deferred = self._deferred, []
-        for op in ops:
-            op()
+    def _to_loop(self, fn: Callable[..., None], *args: object) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        # A closed loop raises RuntimeError: nobody is left to read these outputs.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(fn, *args)
 
-    async def _run_loop(self) -> None:
-        assert self._wake is not None
+    def _ensure_thread(self) -> None:
+        """Start the step thread for the running loop (again, if an earlier loop went away)."""
+        self.check_health()  # a dead engine is not restarted
+        loop = asyncio.get_running_loop()
+        if self._thread is not None and self._thread.is_alive() and self._loop is loop:
+            return
+        if self._thread is not None:  # bound to a loop that is gone: let it end
+            self._stop = True
+            self._wake.set()
+            self._thread.join(JOIN_TIMEOUT_S)
+        self._loop, self._stop = loop, False
+        self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
         try:
-            while True:
+            while not self._stop:
+                while self._ops:
+                    self._ops.popleft()()
                 if not self.engine.has_unfinished():
-                    self._wake.clear()
-                    await self._wake.wait()
+                    self._wake.wait()
+                    self._wake.clear()  # ops queued after this set it again: none is lost
                     continue
-                self._stepping = True
-                step = asyncio.ensure_future(asyncio.to_thread(self.engine.step))
-                try:
-                    outputs = await asyncio.shield(step)
-                except asyncio.CancelledError:
-                    await asyncio.wait({step})  # the thread cannot be interrupted: let it end
-                    raise
-                finally:
-                    self._stepping = False
-                    self._apply_deferred()
-                for out in outputs:
-                    queue = self._streams.get(out.request_id)
-                    if queue is not None:
-                        queue.put_nowait(out)
-                await asyncio.sleep(0)  # let consumers run before the next step
-        except asyncio.CancelledError:
-            raise
+                outputs = self.engine.step()
+                if outputs:
+                    self._to_loop(self._deliver, outputs)
         except Exception as e:
             logger.exception("engine step loop died")
             self._dead = e
-            error = EngineDeadError(f"engine loop died: {e!r}")
-            for queue in self._streams.values():
-                queue.put_nowait(error)
+            self._to_loop(self._fail_streams, e)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            queue = self._streams.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait(out)
+
+    def _fail_streams(self, cause: BaseException) -> None:
+        error = EngineDeadError(f"engine loop died: {cause!r}")
+        for queue in self._streams.values():
+            queue.put_nowait(error)

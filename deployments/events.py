@@ -6,13 +6,14 @@ chunks and usage; plus `unwrap_error` to see our exception through Ray's wrapper
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from internvl_core.grounding import parse_boxes
+from internvl_core.preprocess.request import PreparedRequest
 from internvl_core.protocol import (
     AssistantMessage,
     Choice,
@@ -138,3 +139,21 @@ class EmbeddingPayload:
         if self.dtype == "bfloat16":
             return tensor.view(torch.bfloat16)
         return tensor
+
+
+@dataclass(slots=True)
+class EncodedRequest:
+    """A media request as the vision pool hands it to the LLM replica: the prepared request
+    without its pixel arrays (tile counts and content hashes kept) and the image embeddings.
+    The LLM's node never fetches pixels it has no use for."""
+
+    prepared: PreparedRequest
+    embeds: EmbeddingPayload | None
+
+    @classmethod
+    def of(cls, prepared: PreparedRequest, embeds: EmbeddingPayload | None) -> EncodedRequest:
+        images = [
+            replace(image, pixel_values=image.pixel_values[:, :0])  # [T, 0, S, S]: no bytes
+            for image in prepared.images
+        ]
+        return cls(replace(prepared, images=images), embeds)

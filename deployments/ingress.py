@@ -222,11 +222,12 @@ class IngressDeployment:
             prepared = route.preprocess.prepare.remote(parsed, request_id)
         else:
             prepared = await self.text_preparer.prepare(parsed, request_id)
-        embeds = route.vision.encode.remote(prepared) if route.vision is not None else None
+        if route.vision is not None:  # the LLM gets the vision pool's EncodedRequest only
+            prepared = route.vision.encode.remote(prepared)
         llm = route.llm
         # Non-streaming callers need only the first event (errors) and the final one.
         interval = self.stream_interval_s if parsed.stream else NON_STREAM_INTERVAL_S
-        return [llm.generate.remote(prepared, embeds, i, interval) for i in range(parsed.n)]
+        return [llm.generate.remote(prepared, None, i, interval) for i in range(parsed.n)]
 
     async def _complete(
         self,

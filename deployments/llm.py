@@ -1,8 +1,9 @@
 """LLM replica: one AsyncLLMEngine (scheduler + paged KV) over pp_size pipeline stages.
 
-In: a PreparedRequest and the vision pool's EmbeddingPayload (both by reference), and the choice
-index. Out: a stream of GenerationEvent dicts. A dead stage or engine loop fails `check_health`, so
-Serve replaces the replica; a cancelled caller aborts the sequence and frees its KV blocks.
+In: a text-only PreparedRequest (by value) or the vision pool's EncodedRequest (by reference), and
+the choice index. Out: a stream of GenerationEvent dicts. A dead stage or engine loop fails
+`check_health`, so Serve replaces the replica; a cancelled caller aborts the sequence and frees
+its KV blocks.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from deployments.autoscaling import KV_USAGE, RUNNING_SEQS, WAITING_SEQS
 from deployments.device import resolve_device
-from deployments.events import EmbeddingPayload, GenerationEvent
+from deployments.events import EmbeddingPayload, EncodedRequest, GenerationEvent
 from deployments.metrics import EngineMetrics
 from deployments.stage import (
     STAGE_PING_TIMEOUT_S,
@@ -54,8 +55,8 @@ class LLMDeployment:
 
     async def generate(
         self,
-        prepared: PreparedRequest,
-        embeds: EmbeddingPayload | None,
+        prepared: PreparedRequest | EncodedRequest,
+        embeds: EmbeddingPayload | None = None,
         choice_index: int = 0,
         stream_interval_s: float = 0.0,
     ) -> AsyncIterator[dict[str, Any]]:
@@ -65,6 +66,8 @@ class LLMDeployment:
         one event per `stream_interval_s` (0 = every step; a non-streaming caller passes a large
         value and gets the first and the final event only), which cuts per-token Ray overhead.
         """
+        if isinstance(prepared, EncodedRequest):  # a media request, from the vision pool
+            prepared, embeds = prepared.prepared, prepared.embeds
         params = prepared.sampling
         if choice_index and params.seed is not None:
             params = params.model_copy(update={"seed": (params.seed + choice_index) % 2**64})

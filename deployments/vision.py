@@ -17,7 +17,7 @@ from ray import serve
 
 from deployments.autoscaling import PENDING_TILES
 from deployments.device import resolve_device
-from deployments.events import EmbeddingPayload
+from deployments.events import EmbeddingPayload, EncodedRequest
 from deployments.metrics import VisionMetrics
 from internvl_core.preprocess.request import PreparedRequest
 from internvl_core.serve_args import ServeArgs
@@ -45,10 +45,11 @@ class VisionDeployment:
         self._encode_batch.set_max_batch_size(config.max_batch_tiles)
         self._encode_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
 
-    async def encode(self, prepared: PreparedRequest) -> EmbeddingPayload | None:
-        """Embeddings of every image of the request, cached by content hash."""
+    async def encode(self, prepared: PreparedRequest) -> EncodedRequest:
+        """Embeddings of every image of the request, cached by content hash, with the request
+        (pixels dropped) for the LLM replica."""
         if not prepared.images:
-            return None
+            return EncodedRequest.of(prepared, None)
         found: dict[str, torch.Tensor] = {}
         todo: dict[str, np.ndarray] = {}
         for image in prepared.images:
@@ -67,7 +68,7 @@ class VisionDeployment:
                 found[key] = rows
                 self._remember(key, rows)
         rows = torch.cat([found[image.content_hash] for image in prepared.images])
-        return EmbeddingPayload.from_tensor(rows)  # [num_image_tokens, D_llm]
+        return EncodedRequest.of(prepared, EmbeddingPayload.from_tensor(rows))  # [N_img, D_llm]
 
     async def _encode_counted(self, pixels: np.ndarray) -> torch.Tensor:
         """`_encode_batch` for one image, its tiles counted as pending until it returns, fails

@@ -257,6 +257,8 @@ def test_llm_reports_waiting_running_and_kv(tiny_qwen2: Path) -> None:
         stats = deployment.record_autoscaling_stats()
         waiting.cancel()
         await first.aclose()
+        # The aborts reach the engine's step thread at its next step boundary.
+        await _wait_for(lambda: deployment.record_autoscaling_stats()[KV_USAGE] == 0.0)
         return stats
 
     stats = asyncio.run(scenario())

@@ -6,7 +6,7 @@ chunks and usage; plus `unwrap_error` to see our exception through Ray's wrapper
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -52,11 +52,16 @@ class GenerationEvent:
         return self.finish_reason is not None
 
     def to_wire(self) -> dict[str, Any]:
-        return asdict(self)
+        # Shallow: the lists are this event's own and go straight to serialisation
+        # (`dataclasses.asdict` deep-copies them, once per streamed event).
+        return {name: getattr(self, name) for name in _EVENT_FIELDS}
 
     @classmethod
     def from_wire(cls, raw: dict[str, Any] | GenerationEvent) -> GenerationEvent:
         return raw if isinstance(raw, GenerationEvent) else cls(**raw)
+
+
+_EVENT_FIELDS = tuple(f.name for f in fields(GenerationEvent))
 
 
 class ChoiceAccumulator:

@@ -297,9 +297,8 @@ class IngressDeployment:
         chunk = ChatCompletionChunk(id=chunk_id, model=self.model_name, choices=choices)
         payload = chunk.model_dump(exclude_none=True)
         # OpenAI chunks always carry finish_reason (null until the last one).
-        payload["choices"] = [
-            {**c.model_dump(exclude_none=True), "finish_reason": c.finish_reason} for c in choices
-        ]
+        for dumped, choice in zip(payload["choices"], choices, strict=True):
+            dumped["finish_reason"] = choice.finish_reason
         if usage is not None:
             payload["usage"] = usage
         return payload

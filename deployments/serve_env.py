@@ -7,10 +7,11 @@ own HTTP server (direct ingress, ports from 30000 on the replica's host, bound t
 handles default to gRPC by value. Our handles choose by value or by reference per call
 themselves (`deployments/ingress.py`), so the graph behaves the same in either mode.
 
-Measured on the tiny graph, 2 shared cores, `benchmarks/serve.py` (200 requests, concurrency 32,
-half with an image, 32 tokens): about 62 core-ms per request with Serve's defaults through its
-Python proxy, 32-37 through the ingress port in this mode. Per Serve call (a 2-deployment toy
-app, this mode): 1.4 core-ms unary by value, 3.8 by reference; 2.4 vs 5.9 for a 5-item stream.
+Measured on the tiny graph, 2 shared cores, `benchmarks/serve.py --requests 600` (concurrency
+32, half with an image, 32 tokens): 66 core-ms per request with Serve's defaults through its
+Python proxy, 34 through the ingress port in this mode (same code, same command). Per Serve call
+(a 2-deployment toy app, this mode): 1.4 core-ms unary by value, 3.8 by reference; 2.4 vs 5.9
+for a 5-item stream.
 
 Ray's mode also turns replica logs on stderr off; they stay on here so `serve run` shows them.
 """

@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import os
-import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,7 +16,6 @@ from typing import Any
 
 import httpx
 import pytest
-import ray
 import yaml
 from PIL import Image
 from pydantic import ValidationError
@@ -33,7 +30,7 @@ from deployments.app import build_app, llm_options
 from deployments.autoscaling import PENDING_TILES
 from internvl_core.config import EngineConfig
 from internvl_core.serve_args import AutoscalingOptions, DeploymentOptions, ServeArgs
-from tests.serve_fixtures import wait_until
+from tests.serve_fixtures import fast_options, serve_cluster, wait_until
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "serve_configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
@@ -185,24 +182,11 @@ VIT_LAYERS = 64  # a deep tiny ViT: encoding dominates image requests, as with I
 PHASE_TIMEOUT_S = 90.0
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def serve_url() -> Iterator[str]:
     """A local Ray cluster with logical GPUs (one per vision or LLM replica) and Serve."""
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # local-only cluster (ray-serve-notes sec. 4)
-    ray.init(num_cpus=4, num_gpus=4, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with serve_cluster(num_cpus=4, num_gpus=4) as url:
+        yield url
 
 
 def _scaled(**policy: Any) -> DeploymentOptions:
@@ -221,13 +205,7 @@ def _scaled(**policy: Any) -> DeploymentOptions:
 
 
 def _fast(**overrides: Any) -> DeploymentOptions:
-    values: dict[str, Any] = {
-        "num_cpus": 0,
-        "max_queued_requests": 128,
-        "health_check_period_s": 1.0,
-        "graceful_shutdown_timeout_s": 0.5,
-    }
-    return DeploymentOptions(**{**values, **overrides})
+    return fast_options(**{"max_queued_requests": 128, **overrides})
 
 
 @dataclass

@@ -3,6 +3,11 @@
 Runs N requests at a fixed concurrency (a) through the Ray Serve graph over HTTP (streaming, to
 time the first token) and (b) through the same preprocess + vision + engine code in-process, then
 prints one JSON line: graph_req_s, inproc_req_s, ratio, ttft_p50_ms, ttft_p99_ms, errors, device.
+
+(c) replays the load through the real ingress with model-free stages (plumbing_stages.py):
+`plumbing_req_s` is what the graph's own HTTP + Serve plumbing allows on this machine when the
+models cost nothing, and `ratio_ceiling` = plumbing_req_s / inproc_req_s bounds `ratio`.
+CPU per request of every process is reported for each path (`*_core_ms_per_req`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import socket
 import statistics
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +32,8 @@ import aiohttp
 import numpy as np
 import yaml
 from PIL import Image
+
+WARMUP_REQUESTS = 64  # each path serves these first, unmeasured (torch and Ray warm up)
 
 
 def _free_port() -> int:
@@ -76,12 +85,17 @@ def _cpu_seconds() -> dict[str, float]:
     return out
 
 
-def _core_ms_per_request(before: dict[str, float], after: dict[str, float], n: int) -> dict:
-    """Core-milliseconds per request by process name (summed over pids), largest first."""
+def _cpu_spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """CPU seconds spent between two `_cpu_seconds()` by process name (pids summed)."""
     spent: dict[str, float] = {}
     for key, seconds in after.items():
         name = key.rsplit("#", 1)[0]
         spent[name] = spent.get(name, 0.0) + seconds - before.get(key, 0.0)
+    return spent
+
+
+def _per_request(spent: dict[str, float], n: int) -> dict[str, float]:
+    """Core-milliseconds per request by process name, largest first, with their total."""
     rows = {k: round(v * 1e3 / n, 2) for k, v in spent.items() if v * 1e3 / n >= 0.1}
     rows = dict(sorted(rows.items(), key=lambda kv: -kv[1]))
     return {"total": round(sum(rows.values()), 2), **rows}
@@ -114,10 +128,15 @@ async def _run_bounded(
 
 
 async def _graph(
-    bodies: list[dict[str, Any]], concurrency: int, url: str
+    bodies: list[dict[str, Any]],
+    concurrency: int,
+    url: str,
+    chunks: list[int] | None = None,
+    prefix: str = "",
 ) -> tuple[float, list[float], int]:
     """The load through HTTP. aiohttp, not httpx: the client shares the 2 cores with the server
-    here, and aiohttp spends about half of httpx's CPU per streamed request."""
+    here, and aiohttp spends about half of httpx's CPU per streamed request. `chunks` collects
+    each request's number of SSE data chunks (the role chunk included, `[DONE]` not)."""
     connector = aiohttp.TCPConnector(limit=concurrency * 2)
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as client:
@@ -127,29 +146,32 @@ async def _graph(
             first = None
             payload = json.dumps({**body, "stream": True})
             headers = {"content-type": "application/json"}
-            async with client.post("/v1/chat/completions", data=payload, headers=headers) as resp:
+            num_chunks = 0
+            async with client.post(
+                f"{prefix}/v1/chat/completions", data=payload, headers=headers
+            ) as resp:
                 if resp.status != 200:
                     raise RuntimeError(f"HTTP {resp.status}")
                 async for line in resp.content:
+                    num_chunks += line.startswith(b"data: {")
                     if first is None and line.startswith(b"data: ") and b'"content"' in line:
                         first = time.perf_counter() - start
                     if b'"error"' in line:
                         raise RuntimeError(line.decode())
+            if chunks is not None:
+                chunks.append(num_chunks)
             return first if first is not None else time.perf_counter() - start
 
-        await one(bodies[0])  # warm-up
         return await _run_bounded(bodies, concurrency, one)
 
 
-async def _inproc(
-    bodies: list[dict[str, Any]], concurrency: int, args: Any
-) -> tuple[float, list[float], int]:
+def _inproc_stages(args: Any) -> tuple[Any, Any, Any]:
+    """The in-process preparer, vision encoder and engine, loaded before any CPU is counted."""
     import torch
 
     from internvl_core.config import ModelArchitecture
     from internvl_core.engine import AsyncLLMEngine, LLMEngine
     from internvl_core.preprocess.request import RequestPreparer
-    from internvl_core.protocol import ChatCompletionRequest
     from internvl_core.tokenizer import load_tokenizer
     from internvl_core.vision import VisionEncoder
 
@@ -159,6 +181,15 @@ async def _inproc(
     )
     vision = VisionEncoder.from_checkpoint(args.model_path, dtype=torch.float32)
     engine = AsyncLLMEngine(LLMEngine.from_checkpoint(args.model_path, args.engine))
+    return preparer, vision, engine
+
+
+async def _inproc(
+    bodies: list[dict[str, Any]], concurrency: int, stages: tuple[Any, Any, Any]
+) -> tuple[float, list[float], int]:
+    from internvl_core.protocol import ChatCompletionRequest
+
+    preparer, vision, engine = stages
     counter = iter(range(10**9))
 
     async def one(body: dict[str, Any]) -> float:
@@ -179,8 +210,52 @@ async def _inproc(
                 first = time.perf_counter() - start
         return first if first is not None else time.perf_counter() - start
 
-    await one(bodies[0])
     return await _run_bounded(bodies, concurrency, one)
+
+
+def _plumbing_app(args: Any, events_per_request: int) -> Any:
+    """The real ingress over model-free stages (plumbing_stages.py): every HTTP request, Serve
+    call and streamed event of the real graph, with the same array sizes, no model work. The
+    real graph cannot beat its rate, so `ratio_ceiling` (its rate over the in-process one)
+    bounds `ratio` on this machine whatever the stages' models cost."""
+    import plumbing_stages
+    from ray import cloudpickle
+
+    from deployments.app import compose_app
+
+    cloudpickle.register_pickle_by_value(plumbing_stages)  # benchmarks/ is not on workers' path
+    return compose_app(
+        args,
+        plumbing_stages.PlumbingPreprocess,
+        plumbing_stages.PlumbingVision,
+        plumbing_stages.plumbing_llm(events_per_request),
+    )
+
+
+@dataclass
+class _Path:
+    """One way of serving the load; the rates, TTFTs, errors and CPU of its passes add up here."""
+
+    run: Callable[[list[dict[str, Any]]], Awaitable[tuple[float, list[float], int]]]
+    rates: list[float] = field(default_factory=list)
+    ttfts: list[float] = field(default_factory=list)
+    errors: int = 0
+    requests: int = 0
+    cpu_s: dict[str, float] = field(default_factory=dict)
+
+    def measure(self, bodies: list[dict[str, Any]]) -> float:
+        before = _cpu_seconds()
+        seconds, ttfts, errors = asyncio.run(self.run(bodies))
+        for name, spent in _cpu_spent(before, _cpu_seconds()).items():
+            self.cpu_s[name] = self.cpu_s.get(name, 0.0) + spent
+        self.rates.append(len(bodies) / seconds)
+        self.ttfts += ttfts
+        self.errors += errors
+        self.requests += len(bodies)
+        return self.rates[-1]
+
+    def core_ms_per_request(self) -> dict[str, float]:
+        return _per_request(self.cpu_s, self.requests)
 
 
 def _tiny_app_config(model_path: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -200,11 +275,22 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--image-share", type=float, default=0.5)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="measured passes of each path, interleaved; rates and ratios are their medians",
+    )
     parser.add_argument("--model", default=None, help="checkpoint folder (default: a new tiny one)")
     parser.add_argument(
         "--serve-defaults",
         action="store_true",
         help="run Ray Serve with its default settings instead of deployments/serve_env.py's",
+    )
+    parser.add_argument(
+        "--no-plumbing",
+        action="store_true",
+        help="skip the model-free graph that measures the plumbing's own cost (ratio_ceiling)",
     )
     opts = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -216,10 +302,9 @@ def main() -> None:
     app_args, logging_config = _tiny_app_config(model_path)
     args = ServeArgs.model_validate(app_args)
     bodies = _bodies(args.model_name, opts.requests, opts.image_share, opts.max_tokens)
-
-    cpu0 = _cpu_seconds()
-    in_s, in_ttft, in_err = asyncio.run(_inproc(bodies, opts.concurrency, args))
-    inproc_cpu = _core_ms_per_request(cpu0, _cpu_seconds(), opts.requests)
+    warmup = bodies[:WARMUP_REQUESTS]
+    conc = opts.concurrency
+    stages = _inproc_stages(args)
 
     import ray
     from ray import serve
@@ -228,8 +313,8 @@ def main() -> None:
     from deployments.serve_env import THROUGHPUT_ENV, direct_ingress_urls
 
     # The Ray workers run as `make run` runs them (deployments/serve_env.py); this driver keeps
-    # Ray's defaults. Both fronts are measured: the ingress replica's own port (what a load
-    # balancer or Serve's HAProxy targets) and Serve's Python proxy.
+    # Ray's defaults. The graph is measured through the ingress replica's own port (what a load
+    # balancer or Serve's HAProxy targets), and once through Serve's Python proxy.
     env = {} if opts.serve_defaults else THROUGHPUT_ENV
     ray.init(
         num_cpus=4,
@@ -242,48 +327,70 @@ def main() -> None:
     serve.run(build_app(args), name="bench", route_prefix="/", logging_config=logging_config)
     proxy_url = f"http://127.0.0.1:{port}"
     direct = direct_ingress_urls("bench", host="127.0.0.1")
+    front_url = (direct or [proxy_url])[0]
+    paths: dict[str, _Path] = {}
     try:
-        front_url = (direct or [proxy_url])[0]
-        asyncio.run(_graph(bodies[:64], opts.concurrency, front_url))  # warm every stage
-        cpu0 = _cpu_seconds()
-        g_s, g_ttft, g_err = asyncio.run(_graph(bodies, opts.concurrency, front_url))
-        graph_cpu = _core_ms_per_request(cpu0, _cpu_seconds(), opts.requests)
-        p_s, _, p_err = (
-            asyncio.run(_graph(bodies, opts.concurrency, proxy_url)) if direct else (g_s, [], g_err)
-        )
+        chunks: list[int] = []
+        asyncio.run(_inproc(warmup, conc, stages))
+        asyncio.run(_graph(warmup, conc, front_url, chunks))
+        paths["inproc"] = _Path(lambda b: _inproc(b, conc, stages))
+        paths["graph"] = _Path(lambda b: _graph(b, conc, front_url, chunks))
+        if not opts.no_plumbing and direct:
+            events = max(1, round(statistics.mean(chunks)) - 1)  # less the role chunk
+            app = _plumbing_app(args, events)
+            serve.run(app, name="plumbing", route_prefix="/plumbing", logging_config=logging_config)
+            plumbing_url = direct_ingress_urls("plumbing", host="127.0.0.1")[0]
+            asyncio.run(_graph(warmup, conc, plumbing_url, prefix="/plumbing"))
+            paths["plumbing"] = _Path(lambda b: _graph(b, conc, plumbing_url, prefix="/plumbing"))
+        # Interleaved rounds, the order rotating: a slower minute on this shared machine hits
+        # every path alike.
+        chunks.clear()
+        names = list(paths)
+        for r in range(opts.rounds):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                paths[name].measure(bodies)
+        proxy = _Path(lambda b: _graph(b, conc, proxy_url))
+        if direct:
+            proxy.measure(bodies)
     finally:
         serve.shutdown()
         ray.shutdown()
 
-    graph_req_s = opts.requests / g_s
-    proxy_req_s = opts.requests / p_s
-    inproc_req_s = opts.requests / in_s
-    print(
-        json.dumps(
-            {
-                "requests": opts.requests,
-                "concurrency": opts.concurrency,
-                "image_share": opts.image_share,
-                "max_tokens": opts.max_tokens,
-                "front": "direct-ingress" if direct else "serve-proxy",
-                "graph_req_s": round(graph_req_s, 2),
-                "inproc_req_s": round(inproc_req_s, 2),
-                "ratio": round(graph_req_s / inproc_req_s, 3),
-                "graph_via_proxy_req_s": round(proxy_req_s, 2),
-                "ratio_via_proxy": round(proxy_req_s / inproc_req_s, 3),
-                "ttft_p50_ms": round(_percentile(g_ttft, 50) * 1e3, 1),
-                "ttft_p99_ms": round(_percentile(g_ttft, 99) * 1e3, 1),
-                "inproc_ttft_p50_ms": round(statistics.median(in_ttft) * 1e3, 1)
-                if in_ttft
-                else None,
-                "errors": g_err + p_err,
-                "inproc_errors": in_err,
-                "graph_core_ms_per_req": graph_cpu,
-                "inproc_core_ms_per_req": inproc_cpu,
-                "device": _device(),
-            }
-        )
-    )
+    inproc, graph = paths["inproc"], paths["graph"]
+    inproc_req_s = statistics.median(inproc.rates)
+    ratios = [g / i for g, i in zip(graph.rates, inproc.rates, strict=True)]
+    out: dict[str, Any] = {
+        "requests": opts.requests,
+        "concurrency": conc,
+        "image_share": opts.image_share,
+        "max_tokens": opts.max_tokens,
+        "rounds": opts.rounds,
+        "front": "direct-ingress" if direct else "serve-proxy",
+        "graph_req_s": round(statistics.median(graph.rates), 2),
+        "inproc_req_s": round(inproc_req_s, 2),
+        "ratio": round(statistics.median(ratios), 3),
+        "ratio_per_round": [round(r, 3) for r in ratios],
+        "ttft_p50_ms": round(_percentile(graph.ttfts, 50) * 1e3, 1),
+        "ttft_p99_ms": round(_percentile(graph.ttfts, 99) * 1e3, 1),
+        "inproc_ttft_p50_ms": round(_percentile(inproc.ttfts, 50) * 1e3, 1),
+        "errors": graph.errors + proxy.errors,
+        "inproc_errors": inproc.errors,
+        "graph_core_ms_per_req": graph.core_ms_per_request(),
+        "inproc_core_ms_per_req": inproc.core_ms_per_request(),
+        "sse_chunks_per_req": round(statistics.mean(chunks), 2) if chunks else None,
+    }
+    if proxy.rates:
+        out["graph_via_proxy_req_s"] = round(proxy.rates[0], 2)
+        out["ratio_via_proxy"] = round(proxy.rates[0] / inproc_req_s, 3)
+    if "plumbing" in paths:
+        plumbing = paths["plumbing"]
+        ceilings = [p / i for p, i in zip(plumbing.rates, inproc.rates, strict=True)]
+        out["plumbing_req_s"] = round(statistics.median(plumbing.rates), 2)
+        out["ratio_ceiling"] = round(statistics.median(ceilings), 3)
+        out["plumbing_errors"] = plumbing.errors
+        out["plumbing_core_ms_per_req"] = plumbing.core_ms_per_request()
+    out["device"] = _device()
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

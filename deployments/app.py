@@ -110,6 +110,14 @@ def build_app(args: ServeArgs) -> Application:
     """Validate args and compose the four deployments."""
     if not isinstance(args, ServeArgs):
         args = ServeArgs.model_validate(args)
+    return compose_app(args, PreprocessDeployment, VisionDeployment, LLMDeployment)
+
+
+def compose_app(
+    args: ServeArgs, preprocess_cls: type, vision_cls: type, llm_cls: type
+) -> Application:
+    """The graph with these stage classes (each constructed with `args`); `build_app` passes
+    the real ones, `benchmarks/serve.py` model-free stand-ins to time the plumbing alone."""
     has_gpus = cluster_has_gpus()
     vision_gpus = _gpus(args.vision_encoder, has_gpus)
     logger.info(
@@ -119,16 +127,16 @@ def build_app(args: ServeArgs) -> Application:
         has_gpus,
     )
     preprocess = (
-        serve.deployment(PreprocessDeployment)
+        serve.deployment(preprocess_cls)
         .options(**deployment_options(args.preprocess, "Preprocess", num_gpus=0))
         .bind(args)
     )
     vision = (
-        serve.deployment(VisionDeployment)
+        serve.deployment(vision_cls)
         .options(**deployment_options(args.vision_encoder, "VisionEncoder", num_gpus=vision_gpus))
         .bind(args)
     )
-    llm = serve.deployment(LLMDeployment).options(**llm_options(args, has_gpus)).bind(args)
+    llm = serve.deployment(llm_cls).options(**llm_options(args, has_gpus)).bind(args)
     # The ingress admits `max_ongoing_requests` chats itself and answers the rest with its own
     # OpenAI-style 503 + Retry-After; Serve's cap sits above it (headroom for /health,
     # /v1/models and the refusals), so the proxy's plain-text backpressure is the last resort.

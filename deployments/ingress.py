@@ -126,7 +126,7 @@ class IngressDeployment:
         self.metrics = IngressMetrics()
 
     async def __call__(self, request: Request) -> Response:
-        path, method = request.url.path.rstrip("/"), request.method
+        path, method = _app_path(request), request.method
         try:
             if path == "/v1/chat/completions" and method == "POST":
                 return await self._chat(request)
@@ -302,6 +302,16 @@ class IngressDeployment:
         if usage is not None:
             payload["usage"] = usage
         return payload
+
+
+def _app_path(request: Request) -> str:
+    """The path below the app's route prefix (YAML `route_prefix: /internvl` serves
+    `/internvl/v1/chat/completions`); ASGI servers keep the prefix in `path` as `root_path`."""
+    path = request.url.path
+    root = request.scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    return path.rstrip("/")
 
 
 def _request_id(request: Request) -> tuple[str, dict[str, str]]:

@@ -93,12 +93,13 @@ def tiny_serve_args(model_path: Path, **overrides: Any) -> ServeArgs:
 
 
 @contextlib.contextmanager
-def deployed_app(args: ServeArgs, name: str) -> Iterator[list[str]]:
-    """`build_app(args)` running on route prefix "/" until the block ends, then deleted.
+def deployed_app(args: ServeArgs, name: str, route_prefix: str = "/") -> Iterator[list[str]]:
+    """`build_app(args)` running on `route_prefix` until the block ends, then deleted.
 
-    Yields the ingress replicas' own URLs (direct ingress, `throughput_mode` clusters), else [].
+    Yields the ingress replicas' own URLs (direct ingress, `throughput_mode` clusters), else [];
+    the app answers below `route_prefix` on them as on Serve's proxy.
     """
-    serve.run(build_app(args), name=name, route_prefix="/")
+    serve.run(build_app(args), name=name, route_prefix=route_prefix)
     try:
         yield direct_ingress_urls(name, host="127.0.0.1")
     finally:

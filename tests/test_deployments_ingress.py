@@ -139,7 +139,9 @@ def _ingress(llm: FakeLLM, pre: FakePreprocess | None = None, max_inflight: int 
     )
 
 
-def _request(body: bytes | dict[str, Any], path: str = "/v1/chat/completions") -> Request:
+def _request(
+    body: bytes | dict[str, Any], path: str = "/v1/chat/completions", root_path: str = ""
+) -> Request:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     sent = False
 
@@ -151,7 +153,14 @@ def _request(body: bytes | dict[str, Any], path: str = "/v1/chat/completions") -
         return {"type": "http.request", "body": raw, "more_body": False}
 
     method = "GET" if path != "/v1/chat/completions" else "POST"
-    scope = {"type": "http", "method": method, "path": path, "headers": [], "query_string": b""}
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": root_path + path,  # ASGI: `path` holds the mount point, `root_path` names it
+        "root_path": root_path,
+        "headers": [],
+        "query_string": b"",
+    }
     return Request(scope, receive)
 
 
@@ -278,6 +287,16 @@ def test_models_and_health_routes() -> None:
     assert status == 200 and json.loads(raw)["data"][0]["id"] == MODEL
     status, raw = _call(ingress, _request(b"", path="/health"))
     assert status == 200 and json.loads(raw)["status"] == "ok"
+
+
+def test_routes_below_the_apps_route_prefix() -> None:
+    ingress = _ingress(FakeLLM(["x"]))
+    status, raw = _call(ingress, _request(b"", path="/v1/models", root_path="/internvl"))
+    assert status == 200 and json.loads(raw)["data"][0]["id"] == MODEL
+    status, raw = _call(ingress, _request(_body(), root_path="/internvl"))
+    assert status == 200 and json.loads(raw)["choices"][0]["message"]["content"] == "x-0"
+    status, raw = _call(ingress, _request(b"", path="/internvl/v1/models"))
+    assert status == 404 and "/internvl/v1/models" in json.loads(raw)["error"]["message"]
 
 
 def test_stream_never_sent_still_frees_its_slot() -> None:

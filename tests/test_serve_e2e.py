@@ -427,6 +427,11 @@ class Overload:
     refused: httpx.Response
     burst: list[httpx.Response]
     after: httpx.Response
+    after_via_proxy: httpx.Response
+    models: httpx.Response
+
+
+OVERLOAD_PREFIX = "/overload"
 
 
 def overload_args(path: Path) -> ServeArgs:
@@ -461,12 +466,12 @@ async def overload_scenario(url: str) -> tuple[httpx.Response, list[httpx.Respon
 
 
 class TestOverload:
-    """A second, small-limits app; it replaces the main one on "/" for these tests."""
+    """A second, small-limits app, served below a route prefix as a shared cluster's would be."""
 
     @pytest.fixture(scope="class")
     def overload(self, cluster_url: str, tiny_qwen2: Path) -> Iterator[Overload]:
-        with deployed_app(overload_args(tiny_qwen2), "overload") as direct:
-            url = f"{direct[0]}/v1/chat/completions"
+        with deployed_app(overload_args(tiny_qwen2), "overload", OVERLOAD_PREFIX) as direct:
+            url = f"{direct[0]}{OVERLOAD_PREFIX}/v1/chat/completions"
             refused, burst = asyncio.run(overload_scenario(url))
             llm = serve.get_deployment_handle("LLM", app_name="overload")
 
@@ -475,7 +480,10 @@ class TestOverload:
 
             assert wait_until(llm_idle, timeout_s=10.0)  # both long requests were aborted
             after = httpx.post(url, json=chat_body([user("Hi.")]), timeout=TIMEOUT_S)
-            yield Overload(refused, burst, after)
+            proxy = f"{cluster_url}{OVERLOAD_PREFIX}/v1/chat/completions"
+            via_proxy = httpx.post(proxy, json=chat_body([user("Hi.")]), timeout=TIMEOUT_S)
+            models = httpx.get(f"{direct[0]}{OVERLOAD_PREFIX}/v1/models", timeout=TIMEOUT_S)
+            yield Overload(refused, burst, after, via_proxy, models)
 
     def test_full_llm_queue_gives_openai_503_with_retry_after(self, overload: Overload) -> None:
         assert overload.refused.status_code == 503
@@ -488,6 +496,12 @@ class TestOverload:
     def test_answers_normally_after_overload(self, overload: Overload) -> None:
         assert overload.after.status_code == 200
         assert overload.after.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+    def test_served_below_its_route_prefix_on_both_ports(self, overload: Overload) -> None:
+        assert overload.after_via_proxy.status_code == 200
+        assert overload.after_via_proxy.json()["choices"] == overload.after.json()["choices"]
+        assert overload.models.status_code == 200
+        assert [m["id"] for m in overload.models.json()["data"]] == [MODEL]
 
     def test_every_503_is_openai_json_with_retry_after(self, overload: Overload) -> None:
         for response in overload.burst:

@@ -6,7 +6,7 @@ of a real run happens, with the same array sizes, but no image is decoded or res
 encoder or decoder runs. The CPU they spend per request is the graph's floor on this machine.
 
 - Preprocess: the real template, tokenizer and limits; images are measured from their header
-  (tile count) and handed on as zero pixel arrays of the real shape [tiles, 3, S, S].
+  (tile count) and handed on as zero uint8 tiles of the real shape [tiles, S, S, 3].
 - VisionEncoder: zero embeddings of the real shape [image tokens, D_llm].
 - LLM: `events_per_request` events (the real run's mean), `max_tokens` tokens spread over them.
 """
@@ -37,8 +37,8 @@ class _HeaderOnlyPreparer(RequestPreparer):
         with Image.open(io.BytesIO(data)) as header:
             num_tiles = count_tiles(header.width, header.height, tiling)
         size = tiling.image_size
-        pixels = np.zeros((num_tiles, 3, size, size), dtype=np.float32)  # [tiles, 3, S, S]
-        return PreparedImage(pixels, uuid.uuid4().hex)
+        tiles = np.zeros((num_tiles, size, size, 3), dtype=np.uint8)  # [tiles, S, S, 3]
+        return PreparedImage(tiles, uuid.uuid4().hex)
 
 
 class PlumbingPreprocess(PreprocessDeployment):

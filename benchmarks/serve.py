@@ -198,7 +198,7 @@ async def _inproc(
         prepared = await preparer.prepare(request, f"r{next(counter)}")
         embeds = None
         if prepared.images:
-            pixels = np.concatenate([image.pixel_values for image in prepared.images])
+            pixels = np.concatenate([image.tiles for image in prepared.images])
             embeds = (await asyncio.to_thread(vision.encode, pixels)).reshape(
                 -1, vision.llm_hidden_size
             )

@@ -158,7 +158,7 @@ class EncodedRequest:
     @classmethod
     def of(cls, prepared: PreparedRequest, embeds: EmbeddingPayload | None) -> EncodedRequest:
         images = [
-            replace(image, pixel_values=image.pixel_values[:, :0])  # [T, 0, S, S]: no bytes
+            replace(image, tiles=image.tiles[:, :0])  # [T, 0, S, 3]: no bytes
             for image in prepared.images
         ]
         return cls(replace(prepared, images=images), embeds)

@@ -60,7 +60,7 @@ class VisionDeployment:
                 self.num_cache_hits += 1
                 self.metrics.cache_hits.inc()
             else:
-                todo.setdefault(image.content_hash, image.pixel_values)
+                todo.setdefault(image.content_hash, image.tiles)  # uint8 [T, S, S, 3]
         if todo:
             self.metrics.cache_misses.inc(len(todo))
             outputs = await asyncio.gather(*(self._encode_counted(px) for px in todo.values()))
@@ -90,7 +90,7 @@ class VisionDeployment:
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01, batch_size_fn=_tiles_in_batch)
     async def _encode_batch(self, items: list[np.ndarray]) -> list[torch.Tensor]:
         """Tiles of several images in one encoder call; returns per-image token rows."""
-        pixels = np.concatenate(items)  # [sum tiles, 3, S, S]
+        pixels = np.concatenate(items)  # uint8 [sum tiles, S, S, 3], normalised by the encoder
         start = time.perf_counter()
         out = await asyncio.to_thread(
             self.encoder.encode, pixels, max_batch_tiles=self.config.max_batch_tiles

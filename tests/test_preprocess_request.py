@@ -69,6 +69,8 @@ def test_one_image_prompt_equals_offline_chat(tiny_qwen2: Path) -> None:
     arch = preparer.arch
     pixels = load_image(io.BytesIO(png), TilingConfig.from_architecture(arch))
     np.testing.assert_array_equal(prepared.images[0].pixel_values, pixels)
+    tiles = prepared.images[0].tiles  # what travels to the vision pool: raw RGB bytes
+    assert tiles.dtype == np.uint8 and tiles.shape == (len(pixels), *pixels.shape[2:], 3)
     query = build_query(get_template(arch.template), "<image>\nDescribe.")
     query = expand_image_placeholders(query, [len(pixels)], arch.num_image_token)
     assert prepared.prompt_token_ids == load_tokenizer(tiny_qwen2).encode(query)

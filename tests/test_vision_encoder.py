@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 
 from internvl_core.config import ModelArchitecture
 from internvl_core.errors import CheckpointError, InvalidRequestError
-from internvl_core.vision.encoder import VisionEncoder
+from internvl_core.preprocess.image import normalize_pixels
+from internvl_core.vision.encoder import VisionEncoder, normalize_tiles
 from tests.hf_reference import hf_vision_keys
 
 VIT, INNER, LLM = 32, 64, 64
@@ -276,7 +277,28 @@ def test_encode_rejects_bad_input(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequestError, match="max_batch_tiles is 0"):
         encoder.encode(_pixels(1, seed=0), max_batch_tiles=0)
     with pytest.raises(InvalidRequestError, match="dtype"):
-        encoder.encode(torch.zeros(1, 3, 56, 56, dtype=torch.uint8))
+        encoder.encode(torch.zeros(1, 3, 56, 56, dtype=torch.int16))
+    with pytest.raises(InvalidRequestError, match=r"expected \[n_tiles, 56, 56, 3\]"):
+        encoder.encode(torch.zeros(1, 3, 56, 56, dtype=torch.uint8))  # CHW: not RGB tiles
+
+
+def test_normalize_tiles_is_bit_exact_with_load_image_normalisation() -> None:
+    rng = np.random.default_rng(3)
+    tiles = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)  # [n, S, S, 3]
+    tiles[0].reshape(-1, 3)[:256] = np.arange(256, dtype=np.uint8)[:, None]  # every byte value
+    want = normalize_pixels([tiles], 16)  # [n, 3, 16, 16] float32
+    got = normalize_tiles(torch.from_numpy(tiles)).numpy()
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def test_uint8_tiles_encode_exactly_as_normalised_pixels(tmp_path: Path) -> None:
+    write_checkpoint(tmp_path)
+    encoder = VisionEncoder.from_checkpoint(tmp_path, dtype=torch.float32)
+    tiles = np.random.default_rng(4).integers(0, 256, (5, 56, 56, 3), dtype=np.uint8)
+    pixels = normalize_pixels([tiles], 56)  # what load_image hands model.chat
+    want = encoder.encode(pixels)  # [5, num_image_token, D_llm]
+    assert torch.equal(encoder.encode(tiles, max_batch_tiles=2), want)
 
 
 @pytest.mark.parametrize("vit", ["300m", "6b"])
@@ -286,3 +308,11 @@ def test_loads_tiny_generator_checkpoint(tiny_checkpoint: Callable[..., Path], v
     out = encoder.encode(_pixels(3, seed=8))  # [3, num_image_token, D_llm]
     assert out.shape == (3, encoder.num_image_token, encoder.llm_hidden_size)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.gpu
+def test_normalize_tiles_on_cuda_is_bit_exact() -> None:
+    tiles = np.random.default_rng(5).integers(0, 256, (8, 448, 448, 3), dtype=np.uint8)
+    want = normalize_pixels([tiles], 448)  # [8, 3, 448, 448] float32, on the CPU
+    got = normalize_tiles(torch.from_numpy(tiles).cuda()).cpu().numpy()
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))

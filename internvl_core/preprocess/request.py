@@ -28,7 +28,12 @@ from internvl_core.errors import (
     PayloadTooLargeError,
 )
 from internvl_core.preprocess.conversation import MediaItem, plan_conversation
-from internvl_core.preprocess.image import TilingConfig, load_image
+from internvl_core.preprocess.image import (
+    TilingConfig,
+    normalize_pixels,
+    open_image,
+    tile_pixels,
+)
 from internvl_core.preprocess.media import MediaFetcher
 from internvl_core.preprocess.prompt import (
     IMG_CONTEXT_TOKEN,
@@ -37,7 +42,7 @@ from internvl_core.preprocess.prompt import (
     expand_image_placeholders,
     get_template,
 )
-from internvl_core.preprocess.video import load_video, video_info
+from internvl_core.preprocess.video import load_video_tiles, video_info
 from internvl_core.protocol import ChatCompletionRequest
 from internvl_core.serve_args import MediaLimits
 from internvl_core.tokenizer import Tokenizer
@@ -51,14 +56,24 @@ _GENERIC_PARAMS = frozenset({"image", "image_url", "video"})
 
 @dataclass(slots=True)
 class PreparedImage:
-    """One image (or video frame): normalised tiles and a hash of its content."""
+    """One image (or video frame): its tiles as uint8 RGB and a hash of its content.
 
-    pixel_values: np.ndarray  # [num_tiles, 3, S, S] float32
+    Tiles travel as bytes, a quarter of the float32 pixels, and the vision pool normalises
+    them where it encodes (`VisionEncoder.encode`); `pixel_values` is the same normalisation
+    on the CPU, for callers that want the model card's float tiles.
+    """
+
+    tiles: np.ndarray  # [num_tiles, S, S, 3] uint8
     content_hash: str
 
     @property
     def num_tiles(self) -> int:
-        return int(self.pixel_values.shape[0])
+        return int(self.tiles.shape[0])
+
+    @property
+    def pixel_values(self) -> np.ndarray:
+        """float32 [num_tiles, 3, S, S], equal to the model card's `load_image` output."""
+        return normalize_pixels([self.tiles], int(self.tiles.shape[1]))
 
 
 @dataclass(slots=True)
@@ -257,8 +272,8 @@ class RequestPreparer:
                 f"image is {width}x{height} = {width * height} pixels; max_image_pixels is "
                 f"{self.limits.max_image_pixels}"
             )
-        pixels = load_image(header, tiling)  # [tiles, 3, S, S]
-        return PreparedImage(pixels, content_hash(data) + f":{tiling.max_num}")
+        tiles = np.concatenate(tile_pixels(open_image(header), tiling))  # [tiles, S, S, 3]
+        return PreparedImage(tiles, content_hash(data) + f":{tiling.max_num}")
 
     def _decode_video(self, data: bytes, item: MediaItem) -> list[PreparedImage]:
         info = video_info(data)
@@ -279,12 +294,12 @@ class RequestPreparer:
             use_thumbnail=True,
             dynamic=True,
         )
-        pixels, num_patches = load_video(
+        all_tiles, num_patches = load_video_tiles(
             data, cfg=tiling, num_segments=item.num_segments, bound=item.bound
         )
         frames, offset = [], 0
         for count in num_patches:
-            tiles = pixels[offset : offset + count]  # [count, 3, S, S]
+            tiles = all_tiles[offset : offset + count]  # [count, S, S, 3] uint8
             frames.append(PreparedImage(tiles, content_hash(tiles)))
             offset += count
         return frames

@@ -119,6 +119,20 @@ def load_video(
     `cfg.max_num` is the tile budget per frame (the model card uses 1, with thumbnail on, which
     then never applies). Returns float32 [sum_tiles, 3, S, S] and the tile count per frame.
     """
+    tiles, num_patches_list = load_video_tiles(
+        source, cfg=cfg, num_segments=num_segments, bound=bound
+    )
+    return normalize_pixels([tiles], cfg.image_size), num_patches_list
+
+
+def load_video_tiles(
+    source: VideoSource,
+    *,
+    cfg: TilingConfig,
+    num_segments: int = 8,
+    bound: tuple[float, float] | None = None,
+) -> tuple[np.ndarray, list[int]]:
+    """`load_video` before normalisation: uint8 [sum_tiles, S, S, 3] and tiles per frame."""
     reader = _open_reader(source)
     max_frame = len(reader) - 1
     fps = float(reader.get_avg_fps())
@@ -141,4 +155,6 @@ def load_video(
     logger.debug(
         "sampled frames %s of %d, tiles %s", indices.tolist(), max_frame + 1, num_patches_list
     )
-    return normalize_pixels(parts, cfg.image_size), num_patches_list
+    size = cfg.image_size
+    tiles = np.concatenate(parts) if parts else np.empty((0, size, size, 3), dtype=np.uint8)
+    return tiles, num_patches_list  # [sum_tiles, S, S, 3] uint8

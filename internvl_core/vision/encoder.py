@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from internvl_core.checkpoint import CheckpointReader, load_into_module
 from internvl_core.config import ModelArchitecture
 from internvl_core.errors import CheckpointError, InvalidRequestError
+from internvl_core.preprocess.image import IMAGENET_MEAN, IMAGENET_STD
 from internvl_core.vision.intern_vit import InternViT
 from internvl_core.vision.projector import Projector, pixel_shuffle
 
@@ -141,24 +142,43 @@ class VisionEncoder(nn.Module):
     def encode(self, pixel_values: Tensor | np.ndarray, *, max_batch_tiles: int = 64) -> Tensor:
         """Encode any number of tiles (of one or many images) in chunks of `max_batch_tiles`.
 
-        Returns `[n_tiles, num_image_token, D_llm]` in input tile order.
+        `pixel_values` is either normalised float tiles [n, 3, S, S] (the model card's
+        `load_image`) or raw uint8 RGB tiles [n, S, S, 3] (what the Preprocess deployment sends:
+        a quarter of the bytes), normalised here on the encoder's device, bit for bit as
+        `load_image` does. Returns `[n_tiles, num_image_token, D_llm]` in input tile order.
         """
         if max_batch_tiles < 1:
             raise InvalidRequestError(
                 f"max_batch_tiles is {max_batch_tiles}; must be at least 1", param="max_batch_tiles"
             )
         if isinstance(pixel_values, np.ndarray):
-            pixel_values = torch.from_numpy(pixel_values)  # [n, 3, S, S]
-        self._check_pixels(pixel_values)
-        chunks = [
-            self(pixel_values[start : start + max_batch_tiles])  # [chunk, num_image_token, D_llm]
-            for start in range(0, pixel_values.shape[0], max_batch_tiles)
-        ]
+            pixel_values = torch.from_numpy(pixel_values)  # [n, 3, S, S] or uint8 [n, S, S, 3]
+        raw = pixel_values.dtype == torch.uint8
+        if raw:
+            self._check_tiles(pixel_values)
+        else:
+            self._check_pixels(pixel_values)
+        chunks = []
+        for start in range(0, pixel_values.shape[0], max_batch_tiles):
+            chunk = pixel_values[start : start + max_batch_tiles]
+            if raw:
+                chunk = normalize_tiles(chunk.to(self.device))  # [chunk, 3, S, S] float32
+            chunks.append(self(chunk))  # [chunk, num_image_token, D_llm]
         if not chunks:
             return torch.empty(
                 0, self.num_image_token, self.llm_hidden_size, dtype=self.dtype, device=self.device
             )  # [0, num_image_token, D_llm]
         return torch.cat(chunks)  # [n_tiles, num_image_token, D_llm]
+
+    def _check_tiles(self, tiles: Tensor) -> None:
+        size = self.arch.force_image_size
+        channels = self.arch.vision.num_channels
+        if tiles.dim() != 4 or tuple(tiles.shape[1:]) != (size, size, channels):
+            raise InvalidRequestError(
+                f"uint8 tiles have shape {tuple(tiles.shape)}; expected "
+                f"[n_tiles, {size}, {size}, {channels}] (force_image_size {size})",
+                param="pixel_values",
+            )
 
     def _check_pixels(self, pixel_values: Tensor) -> None:
         size = self.arch.force_image_size
@@ -175,3 +195,20 @@ class VisionEncoder(nn.Module):
                 f"pixel_values has dtype {pixel_values.dtype}; expected a float dtype",
                 param="pixel_values",
             )
+
+
+def normalize_tiles(tiles: Tensor) -> Tensor:
+    """uint8 RGB tiles [n, S, S, 3] -> float32 [n, 3, S, S], on their device.
+
+    torchvision's ToTensor + Normalize(ImageNet), as `preprocess.image.normalize_pixels`: float
+    conversion, then true divisions and a subtraction in float32, each exactly rounded, so the
+    values are identical on every device. The divisors are tensors on the tiles' device: CUDA
+    turns division by a CPU scalar into multiplication by its reciprocal, which rounds
+    differently.
+    """
+    device = tiles.device
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device)[:, None, None]
+    scale = torch.full((1, 1, 1), 255.0, dtype=torch.float32, device=device)
+    pixels = tiles.permute(0, 3, 1, 2).to(torch.float32)  # [n, 3, S, S]
+    return (pixels / scale - mean) / std  # [n, 3, S, S]

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
+import random
+
+import pytest
 import torch
 
-from internvl_core.model.attention import paged_attention, plan_attention, write_kv
+from internvl_core.model import attention
+from internvl_core.model.attention import (
+    group_by_length,
+    paged_attention,
+    plan_attention,
+    write_kv,
+)
 from internvl_core.model.attention_metadata import AttentionMetadata
 
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 16
@@ -86,8 +96,10 @@ def test_cache_holds_every_token_at_its_slot() -> None:
 def test_plan_splits_decode_rows_and_prefill_spans() -> None:
     attn = AttentionMetadata.for_contiguous([3, 1, 2], [3, 6, 8], [[0], [1, 2], [3, 4]], 4)
     plan = plan_attention(attn, "cpu")
-    assert plan.decode_rows.tolist() == [3]
-    assert plan.decode_slots.tolist() == [[4, 5, 6, 7, 8, 9]]
+    [group] = plan.decode_groups
+    assert group.rows.tolist() == [3]
+    assert group.slots.tolist() == [[4, 5, 6, 7, 8, 9]]
+    assert group.mask is None  # one length: nothing padded
     assert [(s.row_start, s.query_len, s.seq_len) for s in plan.prefills] == [(0, 3, 3), (4, 2, 8)]
     assert plan.prefills[0].key_slots is None
     assert plan.prefills[1].key_slots.tolist() == [12, 13, 14, 15, 16, 17, 18, 19]
@@ -107,3 +119,64 @@ def test_multi_query_heads_equal_kv_heads() -> None:
     causal = torch.ones(6, 6, dtype=torch.bool).tril()
     probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)  # [H, T, T]
     torch.testing.assert_close(out, torch.einsum("hqs,shd->qhd", probs, v), atol=1e-5, rtol=1e-5)
+
+
+def _partition_cost(groups: list[list[int]], lens: list[int], group_cost: int) -> int:
+    return sum(group_cost + len(g) * max(lens[i] for i in g) for g in groups)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_group_by_length_is_an_optimal_partition(seed: int) -> None:
+    rng = random.Random(seed)
+    lens = [
+        rng.choice([rng.randint(1, 40), rng.randint(200, 600)]) for _ in range(rng.randint(1, 8))
+    ]
+    group_cost = rng.choice([0, 16, 100, 10_000])
+    groups = group_by_length(lens, group_cost)
+    assert sorted(i for g in groups for i in g) == list(range(len(lens)))
+    assert all(g == sorted(g) for g in groups)  # batch order inside a group
+    # Every partition of the length-sorted order into contiguous runs, by brute force.
+    order = sorted(range(len(lens)), key=lambda i: lens[i])
+    best = min(
+        _partition_cost(
+            [order[a:b] for a, b in itertools.pairwise((0, *cuts, len(order)))], lens, group_cost
+        )
+        for r in range(len(order))
+        for cuts in itertools.combinations(range(1, len(order)), r)
+    )
+    assert _partition_cost(groups, lens, group_cost) == best
+
+
+def test_group_by_length_splits_a_long_context_from_short_ones() -> None:
+    lens = [256, 4096, 256, 256]
+    assert group_by_length(lens, group_cost=256) == [[1], [0, 2, 3]]
+    assert group_by_length([512] * 4, group_cost=256) == [[0, 1, 2, 3]]
+    assert group_by_length(lens, group_cost=10**9) == [[0, 1, 2, 3]]
+
+
+@pytest.mark.parametrize("group_cost", [0, 10**9])
+def test_decode_groups_equal_one_sequence_at_a_time(group_cost: int) -> None:
+    """Mixed context lengths in one decode step: each row equals its sequence attended alone,
+    whether the rows are split into many groups or padded into one."""
+    gen = torch.Generator().manual_seed(11)
+    seq_lens = [3, 30, 5, 17, 1, 30]
+    tables = [[i * 8 + b for b in range(8)] for i in range(len(seq_lens))]
+    kv_cache = torch.randn(2, 8 * len(seq_lens), BLOCK_SIZE, KV_HEADS, HEAD_DIM, generator=gen)
+    q = torch.randn(len(seq_lens), HEADS, HEAD_DIM, generator=gen)  # [T, H, d]
+    k = torch.randn(len(seq_lens), KV_HEADS, HEAD_DIM, generator=gen)  # [T, K, d]
+    v = torch.randn(len(seq_lens), KV_HEADS, HEAD_DIM, generator=gen)  # [T, K, d]
+    attn = AttentionMetadata.for_contiguous([1] * len(seq_lens), seq_lens, tables, BLOCK_SIZE)
+    saved = dict(attention.GROUP_COST_ROWS)
+    attention.GROUP_COST_ROWS["cpu"] = group_cost
+    try:
+        plan = plan_attention(attn, "cpu")
+        out = paged_attention(q, k, v, kv_cache.clone(), attn, SCALE, plan=plan)
+    finally:
+        attention.GROUP_COST_ROWS.update(saved)
+    assert len(plan.decode_groups) == (1 if group_cost else len(set(seq_lens)))
+    for i, n in enumerate(seq_lens):
+        alone = AttentionMetadata.for_contiguous([1], [n], [tables[i]], BLOCK_SIZE)
+        want = paged_attention(
+            q[i : i + 1], k[i : i + 1], v[i : i + 1], kv_cache.clone(), alone, SCALE
+        )
+        torch.testing.assert_close(out[i : i + 1], want, atol=1e-6, rtol=1e-6)

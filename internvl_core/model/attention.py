@@ -1,5 +1,8 @@
 """Paged attention over block tables: write new K/V into their cache slots, then attend causally.
 
+Decode rows are attended in groups of similar context length (one SDPA call each), so a long
+sequence does not pad every short one in the batch to its length.
+
 q [T, H, d], k/v [T, K, d], a layer's cache [2, num_blocks, block_size, K, d], AttentionMetadata
 -> output [T, H, d]. Torch SDPA backend (CPU and GPU); `paged_attention` is the one entry point,
 so a faster GPU kernel can be dispatched behind it later.
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -29,14 +33,52 @@ class PrefillSpan:
 
 
 @dataclass(slots=True)
+class DecodeGroup:
+    """One-query sequences of similar length, attended in one SDPA call (keys padded to the
+    group's longest)."""
+
+    rows: torch.Tensor  # [g] int64 token rows
+    slots: torch.Tensor  # [g, max_seq_len] int64 cache slots, padded
+    mask: torch.Tensor | None  # [g, 1, 1, max_seq_len] bool key-padding mask; None = no padding
+
+
+@dataclass(slots=True)
 class AttentionPlan:
     """Index tensors derived once per forward from AttentionMetadata and shared by every layer."""
 
-    decode_rows: torch.Tensor | None  # [num_decode] int64 token rows of one-query sequences
-    decode_slots: torch.Tensor | None  # [num_decode, max_seq_len] int64 cache slots, padded
-    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_seq_len] bool key-padding mask
+    decode_groups: list[DecodeGroup]
     prefills: list[PrefillSpan]
-    decode_only: bool  # every token is a decode row, in order: the output needs no scatter
+    decode_only: bool  # one group holding every token row in order: the output needs no scatter
+
+
+# What one more decode group costs (its gather, SDPA and scatter calls), in padded key rows: a
+# group is split off when that saves more padding than this. CPU: tuned with
+# benchmarks/attention.py (1 padded call -> groups: 10.9x faster for 1x4096 + 31x256 tokens,
+# 5x for 32 spread over 64..2016, equal for 32x512). CUDA: a launch-bound estimate, not yet
+# measured (~5 kernels of ~5 us against ~2 ns to gather a row), so it only splits big gaps.
+GROUP_COST_ROWS = {"cpu": 256, "cuda": 32768}
+
+
+def group_by_length(lens: list[int], group_cost: int) -> list[list[int]]:
+    """Partition sequence indices into groups of similar `lens`, minimising
+    sum(group_cost + len(group) * max(group lens)) over partitions of the length-sorted order
+    (an exact O(n^2) dynamic programme, vectorised per end point). Groups come longest first."""
+    order = np.argsort(np.asarray(lens), kind="stable")
+    sorted_lens = np.asarray(lens, dtype=np.int64)[order]  # ascending
+    n = len(lens)
+    best = np.zeros(n + 1, dtype=np.int64)  # best[j]: cost of the first j sorted sequences
+    cut = np.zeros(n + 1, dtype=np.int64)
+    starts = np.arange(n, dtype=np.int64)
+    for end in range(1, n + 1):
+        costs = best[:end] + group_cost + (end - starts[:end]) * sorted_lens[end - 1]
+        cut[end] = int(np.argmin(costs))
+        best[end] = costs[cut[end]]
+    groups: list[list[int]] = []
+    end = n
+    while end > 0:
+        groups.append(sorted(order[cut[end] : end].tolist()))  # rows in batch order
+        end = int(cut[end])
+    return groups
 
 
 def _sequence_slots(
@@ -62,17 +104,37 @@ def plan_attention(attn: AttentionMetadata, device: torch.device | str) -> Atten
         else:
             prefills.append(_prefill_span(tables[seq_id], row, q_len, s_len, attn.block_size))
         row += q_len
-    plan = AttentionPlan(None, None, None, prefills, decode_only=not prefills)
-    if decode_seq_ids:
-        max_len = max(attn.seq_lens[i] for i in decode_seq_ids)
-        positions = torch.arange(max_len, device=device)  # [max_seq_len]
-        ids = torch.tensor(decode_seq_ids, dtype=torch.long, device=device)  # [num_decode]
-        plan.decode_slots = _sequence_slots(tables[ids], positions, attn.block_size)
-        lens = torch.tensor([attn.seq_lens[i] for i in decode_seq_ids], device=device)
-        mask = positions[None, :] < lens[:, None]  # [num_decode, max_seq_len]
-        plan.decode_mask = mask[:, None, None, :]  # [num_decode, 1, 1, max_seq_len]
-        plan.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=device)
-    return plan
+    lens = [attn.seq_lens[i] for i in decode_seq_ids]
+    group_cost = GROUP_COST_ROWS.get(torch.device(device).type, GROUP_COST_ROWS["cuda"])
+    members = group_by_length(lens, group_cost) if lens else []
+    groups = [
+        _decode_group(
+            tables,
+            [decode_seq_ids[m] for m in group],
+            [decode_rows[m] for m in group],
+            [lens[m] for m in group],
+            attn.block_size,
+        )
+        for group in members
+    ]
+    # A lone group of every row (members in batch order) needs no scatter.
+    return AttentionPlan(groups, prefills, decode_only=not prefills and len(groups) == 1)
+
+
+def _decode_group(
+    tables: torch.Tensor, seq_ids: list[int], rows: list[int], lens: list[int], block_size: int
+) -> DecodeGroup:
+    device = tables.device
+    max_len = max(lens)
+    positions = torch.arange(max_len, device=device)  # [max_seq_len]
+    ids = torch.tensor(seq_ids, dtype=torch.long, device=device)  # [g]
+    slots = _sequence_slots(tables[ids], positions, block_size)  # [g, max_seq_len]
+    mask = None
+    if min(lens) != max_len:
+        lengths = torch.tensor(lens, device=device)  # [g]
+        mask = (positions[None, :] < lengths[:, None])[:, None, None, :]  # [g, 1, 1, max_len]
+    rows_t = torch.tensor(rows, dtype=torch.long, device=device)  # [g]
+    return DecodeGroup(rows_t, slots, mask)
 
 
 def _prefill_span(
@@ -125,14 +187,11 @@ def paged_attention(
     num_slots = kv_cache.shape[1] * kv_cache.shape[2]
     flat = kv_cache.view(2, num_slots, kv_cache.shape[3], kv_cache.shape[4])  # [2, slots, K, d]
     gqa = q.shape[1] != k.shape[1]
-    decode_out = None
-    if plan.decode_rows is not None:
-        decode_out = _decode_attention(q, flat, plan, scale, gqa=gqa)  # [num_decode, H, d]
-        if plan.decode_only:
-            return decode_out
+    if plan.decode_only:  # one group, every row in order
+        return _decode_attention(q, flat, plan.decode_groups[0], scale, gqa=gqa)  # [T, H, d]
     out = q.new_empty(q.shape)  # [T, H, d]
-    if decode_out is not None:
-        out[plan.decode_rows] = decode_out
+    for group in plan.decode_groups:
+        out[group.rows] = _decode_attention(q, flat, group, scale, gqa=gqa)  # [g, H, d]
     for span in plan.prefills:
         rows = slice(span.row_start, span.row_start + span.query_len)
         out[rows] = _prefill_attention(q[rows], k[rows], v[rows], flat, span, scale=scale, gqa=gqa)
@@ -140,16 +199,16 @@ def paged_attention(
 
 
 def _decode_attention(
-    q: torch.Tensor, flat: torch.Tensor, plan: AttentionPlan, scale: float, *, gqa: bool
+    q: torch.Tensor, flat: torch.Tensor, group: DecodeGroup, scale: float, *, gqa: bool
 ) -> torch.Tensor:
-    """One SDPA call for every one-query sequence, keys padded to the longest one."""
-    query = q[plan.decode_rows][:, :, None, :]  # [num_decode, H, 1, d]
-    keys = flat[0][plan.decode_slots].transpose(1, 2)  # [num_decode, K, max_seq_len, d]
-    values = flat[1][plan.decode_slots].transpose(1, 2)  # [num_decode, K, max_seq_len, d]
+    """One SDPA call for a group of one-query sequences, keys padded to its longest one."""
+    query = q[group.rows][:, :, None, :]  # [g, H, 1, d]
+    keys = flat[0][group.slots].transpose(1, 2)  # [g, K, max_seq_len, d]
+    values = flat[1][group.slots].transpose(1, 2)  # [g, K, max_seq_len, d]
     out = F.scaled_dot_product_attention(
-        query, keys, values, attn_mask=plan.decode_mask, scale=scale, enable_gqa=gqa
-    )  # [num_decode, H, 1, d]
-    return out[:, :, 0, :]  # [num_decode, H, d]
+        query, keys, values, attn_mask=group.mask, scale=scale, enable_gqa=gqa
+    )  # [g, H, 1, d]
+    return out[:, :, 0, :]  # [g, H, d]
 
 
 def _prefill_attention(

@@ -7,7 +7,9 @@ prints one JSON line: graph_req_s, inproc_req_s, ratio, ttft_p50_ms, ttft_p99_ms
 (c) replays the load through the real ingress with model-free stages (plumbing_stages.py):
 `plumbing_req_s` is what the graph's own HTTP + Serve plumbing allows on this machine when the
 models cost nothing, and `ratio_ceiling` = plumbing_req_s / inproc_req_s bounds `ratio`.
-CPU per request of every process is reported for each path (`*_core_ms_per_req`).
+CPU per request of every process is reported for each path (`*_core_ms_per_req`); with the
+plumbing's F and the in-process work W, `ratio_cpu_bound` = cores / (F + W) / inproc_req_s is
+the most the graph can reach on these cores, the in-process path being held by one GIL.
 """
 
 from __future__ import annotations
@@ -387,6 +389,11 @@ def main() -> None:
         ceilings = [p / i for p, i in zip(plumbing.rates, inproc.rates, strict=True)]
         out["plumbing_req_s"] = round(statistics.median(plumbing.rates), 2)
         out["ratio_ceiling"] = round(statistics.median(ceilings), 3)
+        # The graph's processes redo the in-process work W on top of the plumbing F, all on
+        # this machine's cores: at best cores / (F + W) requests per second.
+        both = inproc.core_ms_per_request()["total"] + plumbing.core_ms_per_request()["total"]
+        cpu_bound_req_s = (os.cpu_count() or 1) * 1e3 / both
+        out["ratio_cpu_bound"] = round(cpu_bound_req_s / inproc_req_s, 3)
         out["plumbing_errors"] = plumbing.errors
         out["plumbing_core_ms_per_req"] = plumbing.core_ms_per_request()
     out["device"] = _device()

@@ -43,6 +43,7 @@ from internvl_core.protocol import (
     completion_id,
 )
 from internvl_core.serve_args import ServeArgs
+from internvl_core.validation import format_path, schema_error
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def error_response(exc: BaseException) -> JSONResponse:
             headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
     elif isinstance(exc, ValidationError):
         first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
+        param = format_path(first["loc"]) or None
         status, kind = 422, "invalid_request_error"
         message = f"{param}: {first['msg']}" if param else first["msg"]
     elif type(exc).__name__ in ("BackPressureError", "DeploymentUnavailableError"):
@@ -169,7 +170,10 @@ class IngressDeployment:
             raise InvalidRequestError(f"request body is not valid JSON: {e}") from e
         if not isinstance(raw, dict):
             raise InvalidRequestError("request body must be a JSON object")
-        parsed = ChatCompletionRequest.model_validate(raw)
+        try:
+            parsed = ChatCompletionRequest.model_validate(raw)
+        except ValidationError as e:
+            raise schema_error(e, raw) from e
         if parsed.model != self.model_name:
             raise ModelNotFoundError(
                 f"model {parsed.model!r} is not served here; available: {self.model_name!r}",

@@ -31,6 +31,12 @@ class InvalidRequestError(InternVLError):
     error_type = "invalid_request_error"
 
 
+class RequestSchemaError(InvalidRequestError):
+    """The body does not fit the request schema: a wrong type, a missing or unknown field (422)."""
+
+    status_code = 422
+
+
 class ContextLengthError(InvalidRequestError):
     """Prompt (+ max_tokens) does not fit max_model_len or the KV pool (400)."""
 

@@ -26,7 +26,7 @@ from ray.serve._private.build_app import build_app as build_deployments
 from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ServeDeploySchema
 
-from deployments.app import build_app, llm_options
+from deployments.app import INGRESS_RAY_ENV, build_app, llm_options
 from deployments.autoscaling import PENDING_TILES
 from internvl_core.config import EngineConfig
 from internvl_core.serve_args import AutoscalingOptions, DeploymentOptions, ServeArgs
@@ -89,6 +89,11 @@ def test_yaml_validates_through_build_app(path: Path, tiny_checkpoint: Callable[
     built = build_deployments(app, name=app_schema.name)
     assert {d.name for d in built.deployments} == DEPLOYMENTS
     assert built.ingress_deployment_name == "Ingress"
+    # Only the ingress inlines call arguments past Ray's 100 KB (the request bodies it holds);
+    # the stages' replies (tiles, embeddings) keep the object store, away from the ingress.
+    actor_options = {d.name: d.ray_actor_options for d in built.deployments}
+    assert actor_options["Ingress"]["runtime_env"] == {"env_vars": INGRESS_RAY_ENV}
+    assert not any("runtime_env" in actor_options[n] for n in DEPLOYMENTS - {"Ingress"})
     for deployment in built.deployments:  # backpressure everywhere: no unbounded queue
         assert deployment.max_ongoing_requests >= 1, deployment.name
         assert deployment.max_queued_requests >= 1, deployment.name

@@ -110,8 +110,9 @@ def llm_options(args: ServeArgs, has_gpus: bool) -> dict[str, Any]:
 # image) into the object store, a round trip through the raylet for bytes the Preprocess replica
 # could have had in the call itself. Only this process inlines up to 1 MB: replies of the other
 # stages (pixel tiles, embeddings) keep Ray's default, so their arrays go replica to replica
-# through the object store and never through the ingress. Measured on the model-free graph,
-# image requests: 27.0 -> 23.3 core-ms each (benchmarks/serve.py plumbing).
+# through the object store and never through the ingress. Measured with
+# `benchmarks/serve.py --image-share 1`: per image request, plumbing 26.0 -> 22.3 core-ms,
+# the real graph 43.8 -> 36.3.
 INGRESS_RAY_ENV = {"RAY_max_direct_call_object_size": str(2**20)}
 
 

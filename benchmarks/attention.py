@@ -32,21 +32,9 @@ def _decode_batch(lens: list[int], block_size: int, kv_heads: int, head_dim: int
     """A cache holding `lens` tokens per sequence (random K/V) and its decode-step metadata."""
     per_seq = [(n + block_size - 1) // block_size for n in lens]
     cache = torch.randn(2, sum(per_seq) + 1, block_size, kv_heads, head_dim)
-    tables, start = [], 1
-    for blocks in per_seq:
-        tables.append(list(range(start, start + blocks)) + [0] * (max(per_seq) - blocks))
-        start += blocks
-    last = [
-        t[(n - 1) // block_size] * block_size + (n - 1) % block_size
-        for t, n in zip(tables, lens, strict=True)
-    ]
-    attn = AttentionMetadata(
-        slot_mapping=torch.tensor(last),
-        block_tables=torch.tensor(tables),
-        query_lens=[1] * len(lens),
-        seq_lens=lens,
-        block_size=block_size,
-    )
+    starts = [1 + sum(per_seq[:i]) for i in range(len(lens))]  # block 0 stays unused
+    tables = [list(range(s, s + n)) for s, n in zip(starts, per_seq, strict=True)]
+    attn = AttentionMetadata.for_contiguous([1] * len(lens), lens, tables, block_size)
     return cache, attn
 
 

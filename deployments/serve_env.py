@@ -14,6 +14,8 @@ Python proxy, 34 through the ingress port in this mode (same code, same command)
 for a 5-item stream.
 
 Ray's mode also turns replica logs on stderr off; they stay on here so `serve run` shows them.
+One Ray setting is the ingress replica's alone, set by `build_app` in its runtime_env
+(`deployments/app.py`, INGRESS_RAY_ENV): it inlines call arguments up to 1 MB.
 """
 
 from __future__ import annotations

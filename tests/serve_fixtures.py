@@ -106,6 +106,15 @@ def deployed_app(args: ServeArgs, name: str, route_prefix: str = "/") -> Iterato
         serve.delete(name)
 
 
+def engine_idle(stats: dict[str, Any]) -> bool:
+    """An LLM replica's `stats()` with nothing running or waiting and every KV block free."""
+    return (
+        stats["num_running"] == 0
+        and stats["num_waiting"] == 0
+        and stats["kv_blocks_free"] == stats["kv_blocks_total"]
+    )
+
+
 def wait_until(predicate: Callable[[], bool], *, timeout_s: float, interval_s: float = 0.1) -> bool:
     """Poll `predicate` until it holds or `timeout_s` passes; returns its last value."""
     deadline = time.monotonic() + timeout_s

@@ -32,6 +32,7 @@ from internvl_core.tokenizer import load_tokenizer
 from tests.media_factory import data_url, mp4_clip, png_bytes
 from tests.serve_fixtures import (
     deployed_app,
+    engine_idle,
     serve_cluster,
     tiny_serve_args,
     wait_until,
@@ -181,14 +182,6 @@ def assert_greedy_equal(graph: Graph, body: dict[str, Any], expected: str) -> No
     prepared = graph.prepare(body)
     assert out.usage.prompt_tokens == len(prepared.prompt_token_ids)
     assert out.usage.total_tokens == out.usage.prompt_tokens + num_out
-
-
-def _idle(stats: dict[str, Any]) -> bool:
-    return (
-        stats["num_running"] == 0
-        and stats["num_waiting"] == 0
-        and stats["kv_blocks_free"] == stats["kv_blocks_total"]
-    )
 
 
 def main_args(path: Path) -> ServeArgs:
@@ -368,7 +361,7 @@ class TestGraph:
             assert busy["kv_blocks_free"] < busy["kv_blocks_total"]
         # Leaving the block closed the connection mid-stream.
         closed = time.monotonic()
-        assert wait_until(lambda: _idle(stats()), timeout_s=5.0), stats()
+        assert wait_until(lambda: engine_idle(stats()), timeout_s=5.0), stats()
         assert time.monotonic() - closed < 5.0
 
     def test_request_id_echoed_and_reusable(self, graph: Graph) -> None:

@@ -18,6 +18,7 @@ from ray import serve
 from internvl_core.serve_args import ServeArgs
 from tests.serve_fixtures import (
     deployed_app,
+    engine_idle,
     fast_options,
     serve_cluster,
     tiny_serve_args,
@@ -39,14 +40,6 @@ def cluster_url() -> Iterator[str]:
 def chat_body(text: str, **fields: Any) -> dict[str, Any]:
     body = {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 12}
     return {**body, **fields}
-
-
-def _idle(stats: dict[str, Any]) -> bool:
-    return (
-        stats["num_running"] == 0
-        and stats["num_waiting"] == 0
-        and stats["kv_blocks_free"] == stats["kv_blocks_total"]
-    )
 
 
 @dataclass
@@ -105,7 +98,7 @@ class TestOverload:
             llm = serve.get_deployment_handle("LLM", app_name="overload")
 
             def llm_idle() -> bool:
-                return _idle(llm.stats.remote().result(timeout_s=TIMEOUT_S))
+                return engine_idle(llm.stats.remote().result(timeout_s=TIMEOUT_S))
 
             assert wait_until(llm_idle, timeout_s=10.0)  # both long requests were aborted
             after = httpx.post(url, json=chat_body("Hi."), timeout=TIMEOUT_S)

@@ -69,11 +69,13 @@ class HopActor:
         return self.take(self.transport.recv(rows, cols, torch.float32))
 
 
-def _pairs(device: str, modes: tuple[str, ...]) -> dict[str, tuple[Any, Any]]:
+def _pairs(
+    device: str, modes: tuple[str, ...], gpus_per_actor: float
+) -> dict[str, tuple[Any, Any]]:
     import ray
     from ray.experimental.collective import create_collective_group
 
-    num_gpus = 1 if device == "cuda" else 0
+    num_gpus = gpus_per_actor if device == "cuda" else 0
     actor_cls = ray.remote(num_cpus=0, num_gpus=num_gpus, enable_tensor_transport=True)(HopActor)
     pairs = {mode: (actor_cls.remote(device), actor_cls.remote(device)) for mode in modes}
     if "ray_rdt" in pairs:
@@ -114,9 +116,13 @@ def measure(
     modes: tuple[str, ...] = MODES,
     repeats: int = 5,
     big_repeats: int = 3,
+    gpus_per_actor: float = 1.0,
 ) -> dict[str, Any]:
-    """Median ms per hop for every (shape, mode), on a Ray cluster already initialised."""
-    pairs = _pairs(device, modes)
+    """Median ms per hop for every (shape, mode), on a Ray cluster already initialised.
+
+    On CUDA each actor of a pair needs its own GPU for P2P (NCCL refuses one GPU twice); with
+    `gpus_per_actor=0.5` both share one GPU, which suits the object store only."""
+    pairs = _pairs(device, modes, gpus_per_actor)
     out: dict[str, Any] = {}
     import ray
 

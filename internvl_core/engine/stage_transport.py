@@ -45,7 +45,9 @@ class P2PTransport:
         self.rank, self.world_size, self.device = rank, world_size, device
         backend = p2p_backend(device)
         if device.type == "cuda":
-            torch.cuda.set_device(device)
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            self.device = torch.device("cuda", index)
+            torch.cuda.set_device(self.device)
         dist.init_process_group(
             backend,
             init_method=init_method,

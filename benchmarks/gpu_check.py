@@ -237,30 +237,31 @@ def check_decode(runner: ModelRunner, opts: argparse.Namespace) -> dict:
 
 def check_fill(runner: ModelRunner, config: EngineConfig) -> dict:
     """A decode step over sequences that hold every block of the pool, then a chunked prefill
-    at max_num_batched_tokens with a max_model_len context (the profile step's shape)."""
+    at max_num_batched_tokens with a max_model_len context (the profile step's shape). An
+    out-of-memory is a finding (`ok: false`, `oom`), not a crash of the check."""
     assert runner.kv_cache is not None
     num_blocks = runner.kv_cache.num_blocks
     per_seq = max(1, config.max_model_len // BLOCK)  # blocks per sequence, at most
-    num_seqs = math.ceil(num_blocks / per_seq)
     tables = [list(range(s, min(s + per_seq, num_blocks))) for s in range(0, num_blocks, per_seq)]
     contexts = [len(t) * BLOCK - 1 for t in tables]  # the new token takes the last free slot
-    out: dict[str, Any] = {"num_seqs": num_seqs, "cached_tokens": sum(contexts)}
-    device = runner.device
-    try:
-        step = decode_batch(0, contexts, tables)
-        out["decode_ms"] = round(_time_ms(lambda: runner.execute(step), device, 1), 1)
-        out["decode_peak_mib"] = _peak_mib(lambda: runner.execute(step), device)
-        seq_len = min(config.max_model_len, len(tables[0]) * BLOCK)
-        chunk = min(config.max_num_batched_tokens, seq_len)
-        prefill = decode_batch(1, [seq_len - chunk], [tables[0]])
-        prefill.query_lens = [chunk]
-        prefill.input_token_ids = [7] * chunk
-        prefill.prompt_lens = [seq_len]
-        out["prefill_ms"] = round(_time_ms(lambda: runner.execute(prefill), device, 1), 1)
-        out["prefill_peak_mib"] = _peak_mib(lambda: runner.execute(prefill), device)
-        out["ok"] = True
-    except torch.OutOfMemoryError as e:
-        out.update(ok=False, error=f"out of memory: {str(e).splitlines()[0]}")
+    out: dict[str, Any] = {"num_seqs": len(tables), "cached_tokens": sum(contexts)}
+    seq_len = min(config.max_model_len, len(tables[0]) * BLOCK)
+    chunk = min(config.max_num_batched_tokens, seq_len)
+    prefill = decode_batch(1, [seq_len - chunk], [tables[0]])
+    prefill.query_lens, prefill.prompt_lens = [chunk], [seq_len]
+    prefill.input_token_ids = [7] * chunk
+    steps = {"decode": decode_batch(0, contexts, tables), "prefill": prefill}
+    out["ok"] = True
+    for name, batch in steps.items():
+        try:
+            step = lambda batch=batch: runner.execute(batch)  # noqa: E731
+            out[f"{name}_ms"] = round(_time_ms(step, runner.device, 1), 1)
+            out[f"{name}_peak_mib"] = _peak_mib(step, runner.device)
+        except torch.OutOfMemoryError as e:
+            out["ok"] = False
+            out[f"{name}_oom"] = str(e).splitlines()[0][:300]
+            if runner.device.type == "cuda":
+                torch.cuda.empty_cache()
     return out
 
 

@@ -1,17 +1,21 @@
 """Pipeline stages as Ray actors pinned to the LLM replica's placement-group bundles (bundle i =
 stage i), behind the engine's StageWorker protocol.
 
-In: ScheduledBatches from the replica's engine and the previous stage's output by reference (an
-ObjectRef, so hidden states go stage to stage without visiting the replica). Out: StageOutput.
+In: ScheduledBatches from the replica's engine (each stage gets only the fields it reads). Hidden
+states go stage to stage without visiting the replica: by torch.distributed P2P between the actors
+(`pp_transport: p2p`, gloo on CPU, NCCL on CUDA) or as an ObjectRef through Ray's object store.
+Out: StageOutput.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 from typing import Any
 
 import ray
+import torch
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -19,6 +23,7 @@ from deployments.device import resolve_device
 from internvl_core.config import EngineConfig
 from internvl_core.engine import LLMEngine, ModelRunner
 from internvl_core.engine.batch import ScheduledBatch, StageOutput
+from internvl_core.engine.stage_transport import P2PTransport
 from internvl_core.grounding import GROUNDING_TOKENS
 from internvl_core.model.decoder import DecoderModel
 from internvl_core.serve_args import ServeArgs
@@ -43,6 +48,7 @@ class StageActor:
         )
         self.runner = ModelRunner(model, block_size=args.engine.block_size)
         self.layers = (start_layer, end_layer)
+        self.transport: P2PTransport | None = None
         logger.info("stage for layers [%d, %d) ready on %s", start_layer, end_layer, device)
 
     def plan_kv_blocks(self, config: EngineConfig) -> int:
@@ -51,23 +57,70 @@ class StageActor:
     def init_kv_cache(self, num_blocks: int) -> None:
         self.runner.init_kv_cache(num_blocks)
 
+    # ---- stage-to-stage transport ---------------------------------------------------------
+    def p2p_address(self) -> str:
+        """A rendezvous address on this node (called on stage 0)."""
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        return f"tcp://{ray.util.get_node_ip_address()}:{port}"
+
+    def link(self, init_method: str, rank: int, world_size: int) -> None:
+        """Join the stages' process group; from now on hidden states go by P2P."""
+        self.transport = P2PTransport(
+            rank=rank, world_size=world_size, init_method=init_method, device=self.runner.device
+        )
+
     def execute(self, batch: ScheduledBatch, prev: StageOutput | None) -> StageOutput:
-        hidden = prev.hidden_states if prev is not None else None
-        return self.runner.execute(batch, hidden)
+        """Run the owned layers. Linked: receive from / send to the neighbour stages (`prev` is
+        None); else `prev` carries the previous stage's hidden states (object store)."""
+        if self.transport is None:
+            hidden = prev.hidden_states if prev is not None else None
+            return self.runner.execute(batch, hidden)
+        model = self.runner.model
+        try:
+            hidden = None
+            if not model.is_first_stage:
+                hidden = self.transport.recv(
+                    batch.num_tokens, model.arch.hidden_size, model.dtype
+                )  # [T, D]
+            output = self.runner.execute(batch, hidden)
+        except Exception:
+            if not model.is_last_stage:
+                # The next stage is blocked in recv: unblock it. The engine still fails the
+                # step, since it collects this stage's error along with the last stage's output.
+                self.transport.send(
+                    torch.zeros(
+                        (batch.num_tokens, model.arch.hidden_size),
+                        dtype=model.dtype,
+                        device=self.runner.device,
+                    )  # [T, D]
+                )
+            raise
+        if model.is_last_stage:
+            return output
+        assert output.hidden_states is not None
+        self.transport.send(output.hidden_states)
+        return StageOutput(output.batch_id)
 
     def ping(self) -> tuple[int, int]:
         return self.layers
 
 
 class RayStageWorker:
-    """StageWorker over a StageActor: submit chains ObjectRefs, fetch blocks on the last one.
+    """StageWorker over a StageActor.
 
-    An actor runs one caller's calls in submission order, which the pipeline relies on.
+    Object store: submit chains ObjectRefs, fetch blocks on the last one. P2P: the handle is the
+    list of every stage's ObjectRef so far (the hidden states go actor to actor), and fetch
+    raises the first stage error among them. An actor runs one caller's calls in submission
+    order, which the pipeline (and the P2P send/recv pairing) relies on.
     """
 
-    def __init__(self, actor: Any, *, first: bool) -> None:
+    def __init__(self, actor: Any, *, first: bool, last: bool = False, p2p: bool = False) -> None:
         self.actor = actor
         self.first = first
+        self.last = last
+        self.p2p = p2p
 
     def plan_kv_blocks(self, config: EngineConfig) -> int:
         return ray.get(self.actor.plan_kv_blocks.remote(config))
@@ -76,17 +129,42 @@ class RayStageWorker:
         ray.get(self.actor.init_kv_cache.remote(num_blocks))
 
     def submit(self, batch: ScheduledBatch, prev: Any) -> Any:
-        if not self.first and batch.image_embeds is not None:
-            # Only stage 0 splices images: later stages need not receive the (large) rows.
-            batch = dataclasses.replace(batch, image_embeds=None, image_token_indices=[])
-        return self.actor.execute.remote(batch, prev)
+        batch = stage_view(batch, first=self.first, last=self.last)
+        if not self.p2p:
+            return self.actor.execute.remote(batch, prev)
+        return [*(prev or ()), self.actor.execute.remote(batch, None)]
 
     def fetch(self, handle: Any) -> StageOutput:
-        return ray.get(handle)
+        if not self.p2p:
+            return ray.get(handle)
+        pending = list(handle)
+        while pending:  # an earlier stage's error first, as soon as it is known
+            ready, pending = ray.wait(pending, num_returns=1)
+            ray.get(ready)
+        return ray.get(handle[-1])
 
     def ping(self) -> None:
         """Raises (ActorDiedError, GetTimeoutError) when the stage is gone or stuck."""
         ray.get(self.actor.ping.remote(), timeout=STAGE_PING_TIMEOUT_S)
+
+
+def stage_view(batch: ScheduledBatch, *, first: bool, last: bool) -> ScheduledBatch:
+    """The batch as one stage reads it: image rows only for stage 0 (it splices them), the
+    per-request sampling state (token histories) only for the last stage (it samples)."""
+    changes: dict[str, Any] = {}
+    if not first and batch.image_embeds is not None:
+        changes.update(image_embeds=None, image_token_indices=[])
+    if not last and batch.sampling:
+        changes["sampling"] = []
+    return dataclasses.replace(batch, **changes) if changes else batch
+
+
+def link_stages(workers: list[RayStageWorker]) -> None:
+    """One process group over the stage actors (rank = stage index), for P2P hidden states."""
+    init_method = ray.get(workers[0].actor.p2p_address.remote())
+    ray.get(
+        [w.actor.link.remote(init_method, rank, len(workers)) for rank, w in enumerate(workers)]
+    )
 
 
 def kept_tokens(args: ServeArgs) -> tuple[str, ...]:
@@ -104,6 +182,7 @@ def build_pipeline_engine(args: ServeArgs, *, dtype: Any) -> tuple[LLMEngine, li
     del dtype  # each stage resolves its own device and dtype from args
     pg = get_current_placement_group()
     remote_cls = ray.remote(StageActor)
+    p2p = args.engine.pp_transport == "p2p"
     workers: list[RayStageWorker] = []
 
     def make_stage(index: int, lo: int, hi: int) -> RayStageWorker:
@@ -114,10 +193,16 @@ def build_pipeline_engine(args: ServeArgs, *, dtype: Any) -> tuple[LLMEngine, li
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 placement_group=pg, placement_group_bundle_index=index
             )
+        last = index == args.engine.pp_size - 1
         worker = RayStageWorker(
-            remote_cls.options(**options).remote(args, lo, hi), first=index == 0
+            remote_cls.options(**options).remote(args, lo, hi),
+            first=index == 0,
+            last=last,
+            p2p=p2p,
         )
         workers.append(worker)
+        if p2p and last:
+            link_stages(workers)
         return worker
 
     engine = LLMEngine.from_checkpoint(

@@ -277,6 +277,11 @@ class EngineConfig(BaseModel):
     max_num_batched_tokens: int = Field(default=2048, ge=1, description="tokens per step")
     max_model_len: int = Field(default=8192, ge=1, description="prompt + output tokens")
     pp_size: int = Field(default=1, ge=1, description="pipeline stages")
+    pp_transport: Literal["p2p", "object_store"] = Field(
+        default="p2p",
+        description="how hidden states hop between stage actors: torch.distributed P2P (gloo "
+        "on CPU, NCCL on CUDA) or Ray's object store",
+    )
     enable_prefix_caching: bool = Field(default=True, description="share full prompt blocks")
     enable_chunked_prefill: bool = Field(default=True, description="split long prefills")
     max_waiting_requests: int = Field(default=1024, ge=1, description="queue bound (503 past)")

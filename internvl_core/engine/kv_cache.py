@@ -1,7 +1,8 @@
-"""KV memory planning and the per-stage block pools (one tensor per owned decoder layer).
+"""KV block sizes, the explicit / CPU block budget, and the per-stage block pools.
 
-In: EngineConfig (explicit `num_kv_blocks`, `kv_cache_memory_bytes`, or a fraction of GPU memory)
-and a stage's bytes per block. Out: a block count, and the zeroed cache tensors of that size.
+In: EngineConfig (explicit `num_kv_blocks`, `kv_cache_memory_bytes`, or the CPU default) and a
+stage's bytes per block. Out: a block count. On CUDA without an explicit budget the count comes
+from a measured peak instead (memory_plan.py).
 """
 
 from __future__ import annotations
@@ -30,41 +31,21 @@ def kv_block_bytes(
     return per_layer * num_layers
 
 
-def activation_reserve_bytes(
-    arch: LLMArchitecture, config: EngineConfig, dtype: torch.dtype
-) -> int:
-    """Rough peak of one forward's activations, kept out of the GPU KV budget.
-
-    Per batched token: the fused qkv and gate_up outputs, a few [D] temporaries; plus float32
-    logits of up to `max_num_seqs` sampled rows (and the sampler's copies of them).
-    """
-    elem = torch.empty((), dtype=dtype).element_size()
-    qkv = (arch.num_attention_heads + 2 * arch.num_key_value_heads) * arch.head_dim
-    per_token = (qkv + 3 * arch.intermediate_size + 6 * arch.hidden_size) * elem
-    logits = config.max_num_seqs * arch.vocab_size * 4 * 4
-    return 2 * config.max_num_batched_tokens * per_token + logits
+def has_explicit_budget(config: EngineConfig) -> bool:
+    """The config fixes the pool (block count or bytes): nothing to measure."""
+    return config.num_kv_blocks is not None or config.kv_cache_memory_bytes is not None
 
 
-def plan_num_blocks(
-    config: EngineConfig,
-    *,
-    block_bytes: int,
-    device: torch.device,
-    reserve_bytes: int = 0,
-) -> int:
-    """Blocks this stage can hold, from the first of: num_kv_blocks, kv_cache_memory_bytes,
-    GPU memory (`gpu_memory_utilization` of the device minus what is already used minus the
-    activation reserve), or a 256 MiB CPU default capped to what the scheduler could ever use."""
+def plan_num_blocks(config: EngineConfig, *, block_bytes: int, device: torch.device) -> int:
+    """Blocks this stage can hold, from the first of: num_kv_blocks, kv_cache_memory_bytes, or
+    (CPU) a 256 MiB default capped to what the scheduler could ever use. A CUDA stage without
+    an explicit budget is planned from a measured peak (memory_plan.measure_kv_plan)."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
     if config.kv_cache_memory_bytes is not None:
         budget, source = config.kv_cache_memory_bytes, "kv_cache_memory_bytes"
-    elif device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        used = total - free
-        budget = int(total * config.gpu_memory_utilization) - used - reserve_bytes
-        source = f"gpu_memory_utilization {config.gpu_memory_utilization} of {total} bytes"
     else:
+        assert device.type != "cuda", "CUDA stages plan from a measured peak"
         useful = config.max_num_seqs * math.ceil(config.max_model_len / config.block_size)
         budget = min(DEFAULT_CPU_KV_BYTES, useful * block_bytes)
         source = "the CPU default budget"

@@ -15,10 +15,11 @@ from internvl_core.config import EngineConfig
 from internvl_core.engine.batch import ModelInput, ScheduledBatch, StageOutput
 from internvl_core.engine.kv_cache import (
     KVCache,
-    activation_reserve_bytes,
+    has_explicit_budget,
     kv_block_bytes,
     plan_num_blocks,
 )
+from internvl_core.engine.memory_plan import CudaMemoryReader, MemoryReader, measure_kv_plan
 from internvl_core.engine.sampler import Sampler, SamplerOutput, SamplingBatch, make_generator
 from internvl_core.model.attention_metadata import AttentionMetadata
 from internvl_core.model.decoder import DecoderModel
@@ -50,12 +51,14 @@ class ModelRunner:
             self.model.arch, self.model.num_layers, self.block_size, self.model.dtype
         )
 
-    def plan_kv_blocks(self, config: EngineConfig) -> int:
-        """How many blocks this stage can hold under `config`'s budget."""
-        reserve = activation_reserve_bytes(self.model.arch, config, self.model.dtype)
-        return plan_num_blocks(
-            config, block_bytes=self.kv_block_bytes(), device=self.device, reserve_bytes=reserve
-        )
+    def plan_kv_blocks(self, config: EngineConfig, reader: MemoryReader | None = None) -> int:
+        """How many blocks this stage can hold: the config's explicit budget, else on CUDA (or
+        with a `reader`) what `gpu_memory_utilization` leaves after a measured profiling step,
+        else the CPU default."""
+        if not has_explicit_budget(config) and (reader is not None or self.device.type == "cuda"):
+            reader = reader if reader is not None else CudaMemoryReader(self.device)
+            return measure_kv_plan(self, config, reader).num_blocks
+        return plan_num_blocks(config, block_bytes=self.kv_block_bytes(), device=self.device)
 
     def init_kv_cache(self, num_blocks: int) -> None:
         """Allocate the pool; every stage gets the same count (block tables are shared)."""

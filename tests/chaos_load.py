@@ -291,8 +291,19 @@ class ChaosRun:
         self.replicas = replicas  # deployment -> target replica count
         self.started = 0
         self.report = ChaosReport()
+        self.original: dict[str, set[str]] = {}  # replicas up before the load
 
-    async def run(self, bodies: list[dict[str, Any]], kills: list[Kill], concurrency: int) -> None:
+    async def run(
+        self,
+        bodies: list[dict[str, Any]],
+        kills: list[Kill],
+        *,
+        concurrency: int,
+        rate_per_s: float,
+    ) -> None:
+        """Request i leaves at `i / rate_per_s` s (or later, with `concurrency` in flight at
+        most): a load that lasts as long on a fast machine as on a slow one, kills included."""
+        self.original = {d: replica_names(self.app, d) for d in self.replicas}
         start = time.monotonic()
         limits = httpx.Limits(max_connections=concurrency + 4)
         async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
@@ -300,6 +311,7 @@ class ChaosRun:
 
             async def worker() -> None:
                 for index, body in queue:
+                    await asyncio.sleep(start + index / rate_per_s - time.monotonic())
                     self.started += 1
                     self.report.outcomes.append(await send(client, self.url, index, body))
 
@@ -331,7 +343,9 @@ class ChaosRun:
         logger.info("%s: recovered in %s s", kill.name, record.recovery_s)
 
     def _kill(self, kill: Kill) -> KillRecord:
-        name = sorted(replica_names(self.app, kill.deployment))[0]
+        # A replica that served since the start (not a fresh replacement): it holds requests.
+        names = replica_names(self.app, kill.deployment)
+        name = sorted(names & self.original[kill.deployment] or names)[0]
         at = time.monotonic()
         if kill.stage:
             kill_stage(name)

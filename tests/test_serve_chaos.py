@@ -37,11 +37,12 @@ APP = "chaos"
 MODEL = "internvl2-tiny-chaos"
 NUM_REQUESTS = 300
 CONCURRENCY = 32
-MAX_TOKENS = 32  # long enough that the load outlasts the three kills and recoveries
+RATE_PER_S = 5.0  # 60 s of load: it outlasts the three kills and their recoveries
+MAX_TOKENS = 32
 KILLS = [
     Kill("VisionEncoder", after_started=40),
     Kill("LLM", after_started=60),
-    Kill("LLM", after_started=120, stage=True),  # once the first LLM kill has recovered
+    Kill("LLM", after_started=100, stage=True),  # once the first LLM kill has recovered
 ]
 
 
@@ -58,9 +59,8 @@ def chaos(tiny_qwen2: Path) -> Iterator[Chaos]:
         deployed_app(chaos_args(tiny_qwen2, MODEL), APP),
     ):
         run = ChaosRun(url, APP, MODEL, replicas=CHAOS_REPLICAS)
-        asyncio.run(
-            run.run(mixed_bodies(MODEL, NUM_REQUESTS, max_tokens=MAX_TOKENS), KILLS, CONCURRENCY)
-        )
+        bodies = mixed_bodies(MODEL, NUM_REQUESTS, max_tokens=MAX_TOKENS)
+        asyncio.run(run.run(bodies, KILLS, concurrency=CONCURRENCY, rate_per_s=RATE_PER_S))
         logger.warning("chaos under load: %s", json.dumps(run.report.summary()))
         llm = serve.get_deployment_handle("LLM", app_name=APP)
 

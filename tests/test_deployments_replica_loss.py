@@ -1,0 +1,130 @@
+"""deployments/replica_loss.py and the ingress's use of it, without Ray: a replica that died
+under a request gives a 503 with Retry-After (never a 500), and a request that got no token yet
+is started again once on another replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
+from ray.serve.exceptions import RayServeException
+
+from deployments.events import GenerationEvent, unwrap_error
+from deployments.ingress import IngressDeployment, error_response
+from deployments.replica_loss import REPLICA_LOST_RETRIES, replica_lost
+from internvl_core.errors import EngineDeadError, MediaError
+from tests.test_deployments_ingress import (
+    FakePreprocess,
+    FakeVision,
+    _body,
+    _Call,
+    _Options,
+    _read,
+    _request,
+)
+
+MODEL = "fake-model"
+
+
+def _upstream_crash() -> RayServeException:
+    """What Serve raises for an LLM call whose vision result died with its replica."""
+    error = RayServeException("an upstream actor died before finishing a dependent task")
+    error.__cause__ = ActorDiedError()
+    return error
+
+
+def _wrapped(cause: Exception) -> Exception:
+    """A replica's exception as the caller sees it: RayTaskError(cause)."""
+    return RayTaskError("generate", "Traceback ...", cause).as_instanceof_cause()
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [ActorDiedError(), ActorUnavailableError("gone", None), _upstream_crash()],
+    ids=["died", "unavailable", "upstream"],
+)
+def test_dead_replica_is_a_503_with_retry_after(exc: Exception) -> None:
+    response = error_response(exc)
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    error = json.loads(response.body)["error"]
+    assert error["type"] == "engine_dead" and "died" in error["message"]
+
+
+def test_dead_engine_from_a_replica_keeps_its_message() -> None:
+    exc = _wrapped(EngineDeadError("engine loop died: ActorDiedError()"))
+    assert replica_lost(unwrap_error(exc)) is not None
+    response = error_response(exc)
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert "engine loop died" in json.loads(response.body)["error"]["message"]
+
+
+def test_client_errors_are_not_replica_loss() -> None:
+    assert replica_lost(MediaError("image could not be decoded")) is None
+    assert replica_lost(RuntimeError("bug")) is None
+    assert error_response(RuntimeError("bug")).status_code == 500
+
+
+class DyingLLM(_Options):
+    """Each of the first `deaths` generate calls fails before its first event, as a call to a
+    replica that was killed; later calls stream "ok" from a live replica."""
+
+    def __init__(self, deaths: int, error: Exception | None = None) -> None:
+        super().__init__()
+        self.deaths = deaths
+        self.error = error or ActorDiedError()
+        self.request_ids: list[str] = []
+        self.generate = _Call(self._generate)
+
+    async def _generate(
+        self, prepared: Any, embeds: Any, index: int, interval: float
+    ) -> AsyncIterator[dict[str, Any]]:
+        self.request_ids.append(await prepared if asyncio.isfuture(prepared) else prepared)
+        if self.deaths > 0:
+            self.deaths -= 1
+            raise self.error
+        event = GenerationEvent(text="ok", token_ids=[1], finish_reason="stop")
+        yield event.to_wire()
+
+
+def _serve(llm: DyingLLM, body: dict[str, Any]) -> tuple[int, bytes, IngressDeployment]:
+    ingress = IngressDeployment(
+        FakePreprocess(), FakeVision(), llm, model_name=MODEL, max_model_len=128, max_inflight=8
+    )
+
+    async def go() -> tuple[int, bytes]:
+        response = await ingress(_request(body))
+        return response.status_code, await _read(response)
+
+    status, raw = asyncio.run(go())
+    return status, raw, ingress
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_request_whose_replica_died_before_a_token_is_started_again(stream: bool) -> None:
+    llm = DyingLLM(deaths=REPLICA_LOST_RETRIES)
+    status, raw, ingress = _serve(llm, _body(model=MODEL, stream=stream))
+    assert status == 200 and b"ok" in raw and b"error" not in raw
+    first, again = llm.request_ids  # the engine sees a fresh id: no clash with the lost one
+    assert again == f"{first}.retry1"
+    assert ingress.inflight == 0
+
+
+def test_replica_deaths_past_the_retries_give_503() -> None:
+    llm = DyingLLM(deaths=REPLICA_LOST_RETRIES + 1, error=_upstream_crash())
+    status, raw, ingress = _serve(llm, _body(model=MODEL))
+    assert status == 503
+    assert json.loads(raw)["error"]["type"] == "engine_dead"
+    assert len(llm.request_ids) == REPLICA_LOST_RETRIES + 1
+    assert ingress.inflight == 0
+
+
+def test_client_error_is_not_retried() -> None:
+    llm = DyingLLM(deaths=1, error=MediaError("image could not be decoded"))
+    status, _, _ = _serve(llm, _body(model=MODEL))
+    assert status == 400 and len(llm.request_ids) == 1

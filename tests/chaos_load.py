@@ -400,6 +400,11 @@ def surviving_engines_idle(
 
 # ---- the app under chaos -----------------------------------------------------------------------
 CHAOS_REPLICAS = {"VisionEncoder": 2, "LLM": 2}
+CHAOS_KILLS = [
+    Kill("VisionEncoder", after_started=40),
+    Kill("LLM", after_started=60),
+    Kill("LLM", after_started=100, stage=True),  # once the first LLM kill has recovered
+]
 
 
 def chaos_args(model_path: Path, model: str) -> ServeArgs:

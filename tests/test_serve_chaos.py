@@ -18,11 +18,11 @@ import pytest
 from ray import serve
 
 from tests.chaos_load import (
+    CHAOS_KILLS,
     CHAOS_REPLICAS,
     RECOVERY_TIMEOUT_S,
     ChaosReport,
     ChaosRun,
-    Kill,
     chaos_args,
     mixed_bodies,
     surviving_engines_idle,
@@ -39,11 +39,6 @@ NUM_REQUESTS = 300
 CONCURRENCY = 32
 RATE_PER_S = 5.0  # 60 s of load: it outlasts the three kills and their recoveries
 MAX_TOKENS = 96  # long requests: about 32 in flight at the kills
-KILLS = [
-    Kill("VisionEncoder", after_started=40),
-    Kill("LLM", after_started=60),
-    Kill("LLM", after_started=100, stage=True),  # once the first LLM kill has recovered
-]
 
 
 @dataclass
@@ -60,7 +55,7 @@ def chaos(tiny_qwen2: Path) -> Iterator[Chaos]:
     ):
         run = ChaosRun(url, APP, MODEL, replicas=CHAOS_REPLICAS)
         bodies = mixed_bodies(MODEL, NUM_REQUESTS, max_tokens=MAX_TOKENS)
-        asyncio.run(run.run(bodies, KILLS, concurrency=CONCURRENCY, rate_per_s=RATE_PER_S))
+        asyncio.run(run.run(bodies, CHAOS_KILLS, concurrency=CONCURRENCY, rate_per_s=RATE_PER_S))
         logger.warning("chaos under load: %s", json.dumps(run.report.summary()))
         llm = serve.get_deployment_handle("LLM", app_name=APP)
 
@@ -83,7 +78,7 @@ def test_no_request_hangs(chaos: Chaos) -> None:
 
 
 def test_every_kill_recovers_in_bounded_time(chaos: Chaos) -> None:
-    assert [k.name for k in chaos.report.kills] == [k.name for k in KILLS]
+    assert [k.name for k in chaos.report.kills] == [k.name for k in CHAOS_KILLS]
     for kill in chaos.report.kills:
         assert kill.recovery_s is not None, f"{kill.name} not recovered in {RECOVERY_TIMEOUT_S} s"
 

@@ -234,7 +234,11 @@ class KillRecord:
     at: float
     inflight: int = 0
     recovery_s: float | None = None
-    lost: int = 0
+    errors: Counter[str] = field(default_factory=Counter)  # lost requests by label
+
+    @property
+    def lost(self) -> int:
+        return sum(self.errors.values())
 
 
 @dataclass
@@ -267,6 +271,7 @@ class ChaosReport:
             "unclear": len(self.unclear()),
             "recovery_s": {k.name: k.recovery_s for k in self.kills},
             "lost_per_kill": {k.name: k.lost for k in self.kills},
+            "errors_per_kill": {k.name: dict(k.errors) for k in self.kills},
             "inflight_at_kill": {k.name: k.inflight for k in self.kills},
             "wall_s": round(self.wall_s, 2),
         }
@@ -387,7 +392,7 @@ class ChaosRun:
                 continue
             earlier = [k for k in self.report.kills if k.at <= outcome.end]
             if earlier:
-                earlier[-1].lost += 1
+                earlier[-1].errors[outcome.label] += 1
 
 
 def surviving_engines_idle(

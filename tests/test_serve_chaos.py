@@ -57,6 +57,9 @@ def chaos(tiny_qwen2: Path) -> Iterator[Chaos]:
         bodies = mixed_bodies(MODEL, NUM_REQUESTS, max_tokens=MAX_TOKENS)
         asyncio.run(run.run(bodies, CHAOS_KILLS, concurrency=CONCURRENCY, rate_per_s=RATE_PER_S))
         logger.warning("chaos under load: %s", json.dumps(run.report.summary()))
+        for outcome in run.report.outcomes:
+            if outcome.kind != "ok":
+                logger.info("lost: %s %s %s", outcome.label, outcome.stream, outcome.detail)
         llm = serve.get_deployment_handle("LLM", app_name=APP)
 
         def idle() -> bool:

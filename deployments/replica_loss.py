@@ -1,17 +1,20 @@
-"""A replica or pipeline stage that died under a request: how the ingress tells, so that it
-answers a 503 with Retry-After (not a 500) and starts a request that got no token yet again.
-
-In: the exception a handle call raised (Ray's wrappers already unwrapped). Out: EngineDeadError.
+"""A replica or pipeline stage that died under a request. The ingress tells it from other
+failures (a 503 with Retry-After, not a 500; a request that got no token yet starts again); an
+LLM replica whose engine died leaves at once, so that Serve routes around it and replaces it.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
+import ray
 from ray.exceptions import RayActorError
 
 from internvl_core.errors import EngineDeadError
+
+logger = logging.getLogger(__name__)
 
 REPLICA_LOST_RETRIES = 1  # a request that kills every replica it meets takes 2 with it, at most
 REPLICA_LOST_RETRY_AFTER_S = 1
@@ -42,3 +45,30 @@ def cancel_stream(stream: AsyncIterator[Any]) -> None:
     cancel = getattr(stream, "cancel", None)
     if cancel is not None:
         cancel()
+
+
+async def leave_when_engine_dies(stream: AsyncGenerator[Any, None]) -> AsyncIterator[Any]:
+    """`stream`; when it fails with EngineDeadError (a stage or the step loop died, and an engine
+    never recovers) the replica leaves at once.
+
+    A live replica with a dead engine answers each request with a fast 503, so the router, which
+    favours the least busy replica, sends it most of the traffic until a health check fails (up
+    to health_check_period_s later). A dead actor is routed around at once (the ingress starts a
+    request that got no token again) and Serve replaces it.
+    """
+    try:
+        async for item in stream:
+            yield item
+    except EngineDeadError:
+        _leave_replica()
+        raise
+    finally:
+        await stream.aclose()  # a cancelled caller aborts the engine request (frees its KV)
+
+
+def _leave_replica() -> None:
+    context = ray.get_runtime_context() if ray.is_initialized() else None
+    if context is None or context.get_actor_id() is None:
+        return  # a plain object in a test, not a replica
+    logger.error("engine dead: this LLM replica exits so that Serve replaces it")
+    ray.kill(context.current_actor, no_restart=True)

@@ -1,13 +1,13 @@
 """deployments/replica_loss.py and the ingress's use of it, without Ray: a replica that died
-under a request gives a 503 with Retry-After (never a 500), and a request that got no token yet
-is started again once on another replica.
+under a request gives a 503 with Retry-After (never a 500), a request that got no token yet is
+started again once on another replica, and an LLM stream passes a dead engine's error on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import pytest
@@ -16,7 +16,7 @@ from ray.serve.exceptions import RayServeException
 
 from deployments.events import GenerationEvent, unwrap_error
 from deployments.ingress import IngressDeployment, error_response
-from deployments.replica_loss import REPLICA_LOST_RETRIES, replica_lost
+from deployments.replica_loss import REPLICA_LOST_RETRIES, leave_when_engine_dies, replica_lost
 from internvl_core.errors import EngineDeadError, MediaError
 from tests.test_deployments_ingress import (
     FakePreprocess,
@@ -128,3 +128,39 @@ def test_client_error_is_not_retried() -> None:
     llm = DyingLLM(deaths=1, error=MediaError("image could not be decoded"))
     status, _, _ = _serve(llm, _body(model=MODEL))
     assert status == 400 and len(llm.request_ids) == 1
+
+
+# ---- the LLM replica's side: a dead engine makes it leave ----------------------------------------
+async def _engine_stream(log: list[str], *, dies: bool) -> AsyncGenerator[int, None]:
+    """An engine request's stream: one output, then the end or a dead engine; logs its abort."""
+    try:
+        yield 1
+        if dies:
+            raise EngineDeadError("engine loop died: ActorDiedError()")
+        yield 2
+    finally:
+        log.append("closed")
+
+
+def test_dead_engine_error_passes_through() -> None:
+    log: list[str] = []
+
+    async def go() -> list[int]:
+        return [item async for item in leave_when_engine_dies(_engine_stream(log, dies=True))]
+
+    with pytest.raises(EngineDeadError):
+        asyncio.run(go())  # outside a replica, leaving is a no-op
+    assert log == ["closed"]
+
+
+def test_a_caller_that_stops_closes_the_engine_stream_at_once() -> None:
+    """Closing the wrapper must run the engine stream's `finally` (its abort, freeing KV)."""
+    log: list[str] = []
+
+    async def go() -> None:
+        stream = leave_when_engine_dies(_engine_stream(log, dies=False))
+        assert await anext(stream) == 1
+        await stream.aclose()
+        assert log == ["closed"]
+
+    asyncio.run(go())

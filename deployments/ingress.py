@@ -214,7 +214,7 @@ class IngressDeployment:
             weakref.finalize(body, release)
             return StreamingResponse(body, media_type="text/event-stream", headers=headers)
         try:
-            response = await self._complete(parsed, request_id, streams, first, start)
+            response = await self._complete_or_restart(parsed, request_id, streams, first, start)
             response.headers.update(headers)
             return response
         finally:
@@ -243,25 +243,49 @@ class IngressDeployment:
         return [llm.generate.remote(prepared, None, i, interval) for i in range(parsed.n)]
 
     async def _open(
-        self, parsed: ChatCompletionRequest, request_id: str
+        self, parsed: ChatCompletionRequest, request_id: str, *, retries: int = REPLICA_LOST_RETRIES
     ) -> tuple[list[AsyncIterator[Any]], list[GenerationEvent]]:
         """`_start` and each stream's first event. A request whose replica died before its
-        first event (nothing sent to the client yet) starts again, at most
-        REPLICA_LOST_RETRIES times, under a fresh engine id; Serve routes it to a live replica.
+        first event (nothing sent to the client yet) starts again, at most `retries` times,
+        under a fresh engine id; Serve routes it to a live replica.
         """
-        for attempt in range(REPLICA_LOST_RETRIES + 1):
+        for attempt in range(retries + 1):
             attempt_id = f"{request_id}.retry{attempt}" if attempt else request_id
             streams = await self._start(parsed, attempt_id)
             try:
                 return streams, [await _first_event(s) for s in streams]
             except Exception as e:
                 lost = replica_lost(unwrap_error(e))
-                if lost is None or attempt == REPLICA_LOST_RETRIES:
+                if lost is None or attempt == retries:
                     raise
                 logger.warning("request %s: %s; starting it again", request_id, lost.message)
                 for stream in streams:  # choices on live replicas stop (and free their KV)
                     cancel_stream(stream)
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _complete_or_restart(
+        self,
+        parsed: ChatCompletionRequest,
+        request_id: str,
+        streams: list[AsyncIterator[Any]],
+        first: list[GenerationEvent],
+        start: float,
+    ) -> JSONResponse:
+        """`_complete`. The client of a non-streaming request has seen nothing yet, so one whose
+        replica died mid-generation starts again from scratch, once (a seed gives the same answer).
+        """
+        try:
+            return await self._complete(parsed, request_id, streams, first, start)
+        except Exception as e:
+            lost = replica_lost(unwrap_error(e))
+            if lost is None:
+                raise
+            logger.warning("request %s: %s mid-generation; starting it again", request_id, lost)
+            for stream in streams:
+                cancel_stream(stream)
+        restart_id = f"{request_id}.restart"
+        streams, first = await self._open(parsed, restart_id, retries=0)
+        return await self._complete(parsed, restart_id, streams, first, start)
 
     async def _complete(
         self,

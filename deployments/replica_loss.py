@@ -16,7 +16,10 @@ from internvl_core.errors import EngineDeadError
 
 logger = logging.getLogger(__name__)
 
-REPLICA_LOST_RETRIES = 1  # a request that kills every replica it meets takes 2 with it, at most
+# Starts again of a request whose replica died before its first token; a non-streaming one
+# whose replica died later starts again once more. A request that kills every replica it meets
+# takes 3 with it, at most.
+REPLICA_LOST_RETRIES = 1
 REPLICA_LOST_RETRY_AFTER_S = 1
 
 

@@ -74,10 +74,13 @@ class DyingLLM(_Options):
     """Each of the first `deaths` generate calls fails before its first event, as a call to a
     replica that was killed; later calls stream "ok" from a live replica."""
 
-    def __init__(self, deaths: int, error: Exception | None = None) -> None:
+    def __init__(
+        self, deaths: int, error: Exception | None = None, *, after_first: bool = False
+    ) -> None:
         super().__init__()
         self.deaths = deaths
         self.error = error or ActorDiedError()
+        self.after_first = after_first  # die mid-generation, after one event
         self.request_ids: list[str] = []
         self.generate = _Call(self._generate)
 
@@ -85,11 +88,14 @@ class DyingLLM(_Options):
         self, prepared: Any, embeds: Any, index: int, interval: float
     ) -> AsyncIterator[dict[str, Any]]:
         self.request_ids.append(await prepared if asyncio.isfuture(prepared) else prepared)
-        if self.deaths > 0:
-            self.deaths -= 1
+        dies = self.deaths > 0
+        self.deaths -= dies
+        if dies and not self.after_first:
             raise self.error
-        event = GenerationEvent(text="ok", token_ids=[1], finish_reason="stop")
-        yield event.to_wire()
+        yield GenerationEvent(text="o", token_ids=[1]).to_wire()
+        if dies:
+            raise self.error
+        yield GenerationEvent(text="k", token_ids=[2], finish_reason="stop").to_wire()
 
 
 def _serve(llm: DyingLLM, body: dict[str, Any]) -> tuple[int, bytes, IngressDeployment]:
@@ -109,7 +115,8 @@ def _serve(llm: DyingLLM, body: dict[str, Any]) -> tuple[int, bytes, IngressDepl
 def test_request_whose_replica_died_before_a_token_is_started_again(stream: bool) -> None:
     llm = DyingLLM(deaths=REPLICA_LOST_RETRIES)
     status, raw, ingress = _serve(llm, _body(model=MODEL, stream=stream))
-    assert status == 200 and b"ok" in raw and b"error" not in raw
+    assert status == 200 and b"error" not in raw
+    assert b'"ok"' in raw or b'"o"' in raw  # a completion, or the stream's first chunk
     first, again = llm.request_ids  # the engine sees a fresh id: no clash with the lost one
     assert again == f"{first}.retry1"
     assert ingress.inflight == 0
@@ -164,3 +171,23 @@ def test_a_caller_that_stops_closes_the_engine_stream_at_once() -> None:
         assert log == ["closed"]
 
     asyncio.run(go())
+
+
+def test_non_streaming_request_whose_replica_died_mid_generation_starts_again() -> None:
+    llm = DyingLLM(deaths=1, after_first=True)
+    status, raw, ingress = _serve(llm, _body(model=MODEL))
+    assert status == 200
+    assert json.loads(raw)["choices"][0]["message"]["content"] == "ok"
+    first, again = llm.request_ids
+    assert again == f"{first}.restart"
+    assert ingress.inflight == 0
+
+
+def test_stream_whose_replica_died_mid_generation_ends_with_an_error_event() -> None:
+    llm = DyingLLM(deaths=1, after_first=True)
+    status, raw, ingress = _serve(llm, _body(model=MODEL, stream=True))
+    assert status == 200  # the first token went out: it cannot start again
+    events = [line.removeprefix("data: ") for line in raw.decode().splitlines() if line]
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["type"] == "engine_dead"
+    assert len(llm.request_ids) == 1 and ingress.inflight == 0

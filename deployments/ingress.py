@@ -24,7 +24,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from deployments.events import ChoiceAccumulator, GenerationEvent, unwrap_error
 from deployments.metrics import IngressMetrics
 from deployments.preprocess import PreprocessDeployment
+from deployments.replica_loss import (
+    REPLICA_LOST_RETRIES,
+    REPLICA_LOST_RETRY_AFTER_S,
+    cancel_stream,
+    replica_lost,
+)
 from internvl_core.errors import (
+    EngineDeadError,
     EngineOverloadedError,
     InternVLError,
     InvalidRequestError,
@@ -54,11 +61,14 @@ NON_STREAM_INTERVAL_S = 3600.0
 def error_response(exc: BaseException) -> JSONResponse:
     """The single table from our exceptions to OpenAI error JSON and HTTP status codes."""
     exc = unwrap_error(exc)
+    exc = replica_lost(exc) or exc
     headers: dict[str, str] = {}
     if isinstance(exc, InternVLError):
         status, kind, message, param = exc.status_code, exc.error_type, exc.message, exc.param
         if isinstance(exc, EngineOverloadedError):
             headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+        elif isinstance(exc, EngineDeadError):
+            headers["Retry-After"] = str(REPLICA_LOST_RETRY_AFTER_S)
     elif isinstance(exc, ValidationError):
         first = exc.errors()[0]
         param = format_path(first["loc"]) or None
@@ -192,8 +202,7 @@ class IngressDeployment:
         self.inflight += 1
         start = time.perf_counter()
         try:
-            streams = await self._start(parsed, request_id)
-            first = [await _first_event(s) for s in streams]  # errors surface before headers
+            streams, first = await self._open(parsed, request_id)  # errors before headers
         except BaseException:
             self.inflight -= 1
             raise
@@ -205,7 +214,7 @@ class IngressDeployment:
             weakref.finalize(body, release)
             return StreamingResponse(body, media_type="text/event-stream", headers=headers)
         try:
-            response = await self._complete(parsed, request_id, streams, first, start)
+            response = await self._complete_or_restart(parsed, request_id, streams, first, start)
             response.headers.update(headers)
             return response
         finally:
@@ -232,6 +241,51 @@ class IngressDeployment:
         # Non-streaming callers need only the first event (errors) and the final one.
         interval = self.stream_interval_s if parsed.stream else NON_STREAM_INTERVAL_S
         return [llm.generate.remote(prepared, None, i, interval) for i in range(parsed.n)]
+
+    async def _open(
+        self, parsed: ChatCompletionRequest, request_id: str, *, retries: int = REPLICA_LOST_RETRIES
+    ) -> tuple[list[AsyncIterator[Any]], list[GenerationEvent]]:
+        """`_start` and each stream's first event. A request whose replica died before its
+        first event (nothing sent to the client yet) starts again, at most `retries` times,
+        under a fresh engine id; Serve routes it to a live replica.
+        """
+        for attempt in range(retries + 1):
+            attempt_id = f"{request_id}.retry{attempt}" if attempt else request_id
+            streams = await self._start(parsed, attempt_id)
+            try:
+                return streams, [await _first_event(s) for s in streams]
+            except Exception as e:
+                lost = replica_lost(unwrap_error(e))
+                if lost is None or attempt == retries:
+                    raise
+                logger.warning("request %s: %s; starting it again", request_id, lost.message)
+                for stream in streams:  # choices on live replicas stop (and free their KV)
+                    cancel_stream(stream)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _complete_or_restart(
+        self,
+        parsed: ChatCompletionRequest,
+        request_id: str,
+        streams: list[AsyncIterator[Any]],
+        first: list[GenerationEvent],
+        start: float,
+    ) -> JSONResponse:
+        """`_complete`. The client of a non-streaming request has seen nothing yet, so one whose
+        replica died mid-generation starts again from scratch, once (a seed gives the same answer).
+        """
+        try:
+            return await self._complete(parsed, request_id, streams, first, start)
+        except Exception as e:
+            lost = replica_lost(unwrap_error(e))
+            if lost is None:
+                raise
+            logger.warning("request %s: %s mid-generation; starting it again", request_id, lost)
+            for stream in streams:
+                cancel_stream(stream)
+        restart_id = f"{request_id}.restart"
+        streams, first = await self._open(parsed, restart_id, retries=0)
+        return await self._complete(parsed, restart_id, streams, first, start)
 
     async def _complete(
         self,

@@ -18,6 +18,7 @@ from deployments.autoscaling import KV_USAGE, RUNNING_SEQS, WAITING_SEQS
 from deployments.device import resolve_device
 from deployments.events import EmbeddingPayload, EncodedRequest, GenerationEvent
 from deployments.metrics import EngineMetrics
+from deployments.replica_loss import leave_when_engine_dies
 from deployments.stage import (
     STAGE_PING_TIMEOUT_S,
     RayStageWorker,
@@ -80,6 +81,7 @@ class LLMDeployment:
             image_embeds=rows,
             image_hashes=hashes,
         )
+        stream = leave_when_engine_dies(stream)
         pending: list[GenerationEvent] = []
         last_sent = 0.0
         async for out in stream:

@@ -65,7 +65,8 @@ _EVENT_FIELDS = tuple(f.name for f in fields(GenerationEvent))
 
 
 class ChoiceAccumulator:
-    """Collects the events of one choice into the final message / streamed chunks."""
+    """Collects the events of one choice into the final message / streamed chunks, and when its
+    first token and its last event arrived (for TTFT and TPOT)."""
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -75,8 +76,15 @@ class ChoiceAccumulator:
         self.num_prompt_tokens = 0
         self.num_output_tokens = 0
         self.wants_logprobs = False
+        self.first_token_at: float | None = None
+        self.last_at: float | None = None
 
-    def add(self, event: GenerationEvent) -> None:
+    def add(self, event: GenerationEvent, at: float | None = None) -> None:
+        """Add one event; `at` is its arrival time (`time.perf_counter`), if timed."""
+        if at is not None:
+            self.last_at = at
+            if self.first_token_at is None and event.token_ids:
+                self.first_token_at = at
         self.parts.append(event.text)
         if event.logprobs is not None:
             self.wants_logprobs = True

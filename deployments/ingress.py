@@ -3,6 +3,7 @@
 In: starlette requests. Out: OpenAI JSON / server-sent events. Large arrays never materialise
 here: for a request with media, the Preprocess response is passed by reference to the vision
 pool and the LLM replica. A text-only request is tokenized here and goes to the LLM by value.
+Admission is taken before the body is read; every chat request's outcome is counted once.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
-from starlette.requests import Request
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from deployments.choice_streams import first_events, merge
 from deployments.events import ChoiceAccumulator, GenerationEvent, unwrap_error
-from deployments.metrics import IngressMetrics
+from deployments.metrics import DISCONNECT_STATUS, IngressMetrics
 from deployments.preprocess import PreprocessDeployment
 from deployments.replica_loss import (
     REPLICA_LOST_RETRIES,
@@ -30,11 +33,11 @@ from deployments.replica_loss import (
     cancel_stream,
     replica_lost,
 )
+from deployments.request_body import MAX_BODY_BYTES, parse_chat_request, read_body
 from internvl_core.errors import (
     EngineDeadError,
     EngineOverloadedError,
     InternVLError,
-    InvalidRequestError,
     ModelNotFoundError,
 )
 from internvl_core.protocol import (
@@ -50,11 +53,10 @@ from internvl_core.protocol import (
     completion_id,
 )
 from internvl_core.serve_args import ServeArgs
-from internvl_core.validation import format_path, schema_error
+from internvl_core.validation import format_path
 
 logger = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 64 * 2**20
 NON_STREAM_INTERVAL_S = 3600.0
 
 
@@ -74,10 +76,15 @@ def error_response(exc: BaseException) -> JSONResponse:
         param = format_path(first["loc"]) or None
         status, kind = 422, "invalid_request_error"
         message = f"{param}: {first['msg']}" if param else first["msg"]
-    elif type(exc).__name__ in ("BackPressureError", "DeploymentUnavailableError"):
-        status, kind, param = 503, "overloaded", None
+    elif isinstance(exc, BackPressureError | DeploymentUnavailableError):
+        # A stage's Serve queue is full (its `backpressure_config` sets the status and delay)
+        # or the stage has no replica yet.
+        kind, param = "overloaded", None
+        status, retry_s = 503, 1.0
+        if isinstance(exc, BackPressureError):
+            status, retry_s = exc.status_code, exc.retry_after_s or retry_s
         message = "the server is at capacity; retry shortly"
-        headers["Retry-After"] = "1"
+        headers["Retry-After"] = str(max(1, round(retry_s)))
     else:
         logger.exception("internal error", exc_info=exc)
         status, kind, param = 500, "internal_error", None
@@ -105,6 +112,8 @@ class IngressDeployment:
         max_inflight: int,
         stream_interval_s: float = 0.0,
         text_args: ServeArgs | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        metrics: IngressMetrics | None = None,
     ) -> None:
         self.preprocess = preprocess
         # With `text_args`, text-only requests are prepared here: a template and a tokenizer
@@ -133,14 +142,15 @@ class IngressDeployment:
         self.max_model_len = max_model_len
         self.max_inflight = max_inflight
         self.stream_interval_s = stream_interval_s
+        self.max_body_bytes = max_body_bytes
         self.inflight = 0
-        self.metrics = IngressMetrics()
+        self.metrics = metrics if metrics is not None else IngressMetrics()
 
     async def __call__(self, request: Request) -> Response:
         path, method = _app_path(request), request.method
+        if path == "/v1/chat/completions" and method == "POST":
+            return await self._counted_chat(request)
         try:
-            if path == "/v1/chat/completions" and method == "POST":
-                return await self._chat(request)
             if path == "/v1/models" and method == "GET":
                 return self._models()
             if path in ("/health", "/v1/health") and method == "GET":
@@ -168,22 +178,25 @@ class IngressDeployment:
             status_code=200 if ready else 503,
         )
 
+    async def _counted_chat(self, request: Request) -> Response:
+        """One chat request, its outcome counted once: the HTTP status of the answer, or
+        DISCONNECT_STATUS when the client left first. A stream counts itself when it ends."""
+        start = time.perf_counter()
+        try:
+            response = await self._chat(request, start)
+        except (asyncio.CancelledError, ClientDisconnect) as e:
+            self.metrics.request_done(DISCONNECT_STATUS, time.perf_counter() - start)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            return Response(status_code=int(DISCONNECT_STATUS))  # nobody is left to read it
+        except Exception as e:  # every failure becomes OpenAI error JSON
+            response = error_response(e)
+        if not isinstance(response, StreamingResponse):
+            self.metrics.request_done(str(response.status_code), time.perf_counter() - start)
+        return response
+
     async def _parse(self, request: Request) -> ChatCompletionRequest:
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            raise InvalidRequestError(
-                f"request body has {len(body)} bytes; limit is {MAX_BODY_BYTES}"
-            )
-        try:
-            raw = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InvalidRequestError(f"request body is not valid JSON: {e}") from e
-        if not isinstance(raw, dict):
-            raise InvalidRequestError("request body must be a JSON object")
-        try:
-            parsed = ChatCompletionRequest.model_validate(raw)
-        except ValidationError as e:
-            raise schema_error(e, raw) from e
+        parsed = await parse_chat_request(await read_body(request, self.max_body_bytes))
         if parsed.model != self.model_name:
             raise ModelNotFoundError(
                 f"model {parsed.model!r} is not served here; available: {self.model_name!r}",
@@ -191,34 +204,35 @@ class IngressDeployment:
             )
         return parsed
 
-    async def _chat(self, request: Request) -> Response:
+    async def _chat(self, request: Request, start: float) -> Response:
+        # The slot is taken before the body is read: a slow or large upload holds one too.
         if self.inflight >= self.max_inflight:
-            self.metrics.request_done("overloaded", None)
             raise EngineOverloadedError(
                 f"{self.inflight} requests in flight; max_inflight is {self.max_inflight}"
             )
-        parsed = await self._parse(request)
-        request_id, headers = _request_id(request)
         self.inflight += 1
-        start = time.perf_counter()
+        slot = _Slot(self, start)
         try:
+            parsed = await self._parse(request)
+            request_id, headers = _request_id(request)
             streams, first = await self._open(parsed, request_id)  # errors before headers
         except BaseException:
-            self.inflight -= 1
+            slot.release()
             raise
+        if any(event.token_ids for event, _ in first):
+            self.metrics.first_token(min(at for event, at in first if event.token_ids) - start)
         if parsed.stream:
-            release = _Release(self)
-            body = self._stream_body(parsed, request_id, streams, first, start, release)
+            body = self._stream_body(parsed, request_id, streams, first, slot)
             # A body the server never iterates (client gone before the first byte) never runs
             # its `finally`; releasing the slot when the generator is collected covers that.
-            weakref.finalize(body, release)
+            weakref.finalize(body, slot.release, DISCONNECT_STATUS)
             return StreamingResponse(body, media_type="text/event-stream", headers=headers)
         try:
-            response = await self._complete_or_restart(parsed, request_id, streams, first, start)
+            response = await self._complete_or_restart(parsed, request_id, streams, first)
             response.headers.update(headers)
             return response
         finally:
-            self.inflight -= 1
+            slot.release()
 
     async def _start(
         self, parsed: ChatCompletionRequest, request_id: str
@@ -244,16 +258,16 @@ class IngressDeployment:
 
     async def _open(
         self, parsed: ChatCompletionRequest, request_id: str, *, retries: int = REPLICA_LOST_RETRIES
-    ) -> tuple[list[AsyncIterator[Any]], list[GenerationEvent]]:
-        """`_start` and each stream's first event. A request whose replica died before its
-        first event (nothing sent to the client yet) starts again, at most `retries` times,
-        under a fresh engine id; Serve routes it to a live replica.
+    ) -> tuple[list[AsyncIterator[Any]], list[tuple[GenerationEvent, float]]]:
+        """`_start` and each stream's first event (with its arrival time). A request whose
+        replica died before its first event (nothing sent to the client yet) starts again, at
+        most `retries` times, under a fresh engine id; Serve routes it to a live replica.
         """
         for attempt in range(retries + 1):
             attempt_id = f"{request_id}.retry{attempt}" if attempt else request_id
             streams = await self._start(parsed, attempt_id)
             try:
-                return streams, [await _first_event(s) for s in streams]
+                return streams, await first_events(streams)
             except Exception as e:
                 lost = replica_lost(unwrap_error(e))
                 if lost is None or attempt == retries:
@@ -268,14 +282,13 @@ class IngressDeployment:
         parsed: ChatCompletionRequest,
         request_id: str,
         streams: list[AsyncIterator[Any]],
-        first: list[GenerationEvent],
-        start: float,
+        first: list[tuple[GenerationEvent, float]],
     ) -> JSONResponse:
         """`_complete`. The client of a non-streaming request has seen nothing yet, so one whose
         replica died mid-generation starts again from scratch, once (a seed gives the same answer).
         """
         try:
-            return await self._complete(parsed, request_id, streams, first, start)
+            return await self._complete(streams, first)
         except Exception as e:
             lost = replica_lost(unwrap_error(e))
             if lost is None:
@@ -285,68 +298,69 @@ class IngressDeployment:
                 cancel_stream(stream)
         restart_id = f"{request_id}.restart"
         streams, first = await self._open(parsed, restart_id, retries=0)
-        return await self._complete(parsed, restart_id, streams, first, start)
+        return await self._complete(streams, first)
 
     async def _complete(
-        self,
-        parsed: ChatCompletionRequest,
-        request_id: str,
-        streams: list[AsyncIterator[Any]],
-        first: list[GenerationEvent],
-        start: float,
+        self, streams: list[AsyncIterator[Any]], first: list[tuple[GenerationEvent, float]]
     ) -> JSONResponse:
         async def drain(i: int) -> ChoiceAccumulator:
             acc = ChoiceAccumulator(i)
-            acc.add(first[i])
+            acc.add(*first[i])
             async for raw in streams[i]:
-                acc.add(GenerationEvent.from_wire(raw))
+                acc.add(GenerationEvent.from_wire(raw), time.perf_counter())
             return acc
 
         accs = await asyncio.gather(*(drain(i) for i in range(len(streams))))
-        self.metrics.first_token(time.perf_counter() - start)
-        usage = ChoiceAccumulator.usage(accs)
+        for acc in accs:
+            self._choice_done(acc)
         response = ChatCompletionResponse(
             id=completion_id(),
             model=self.model_name,
             choices=[acc.choice() for acc in accs],
-            usage=usage,
+            usage=ChoiceAccumulator.usage(accs),
         )
-        self.metrics.request_done("ok", time.perf_counter() - start, usage.completion_tokens)
         return JSONResponse(response.model_dump(exclude_none=True))
+
+    def _choice_done(self, acc: ChoiceAccumulator) -> None:
+        if acc.last_at is not None:
+            self.metrics.choice_done(acc.first_token_at, acc.last_at, acc.num_output_tokens)
 
     async def _stream_body(
         self,
         parsed: ChatCompletionRequest,
         request_id: str,
         streams: list[AsyncIterator[Any]],
-        first: list[GenerationEvent],
-        start: float,
-        release: _Release,
+        first: list[tuple[GenerationEvent, float]],
+        slot: _Slot,
     ) -> AsyncIterator[str]:
         chunk_id = completion_id()
         accs = [ChoiceAccumulator(i) for i in range(len(streams))]
-        status = "ok"
+        status = DISCONNECT_STATUS  # until the stream ends one way or the other
         try:
             for i in range(len(streams)):
                 role = ChunkChoice(index=i, delta=Delta(role="assistant", content=""))
                 yield sse(self._chunk(chunk_id, [role]))
-            self.metrics.first_token(time.perf_counter() - start)
-            async for index, event in _merge(streams, first):
-                accs[index].add(event)
+            for acc, (event, at) in zip(accs, first, strict=True):
+                acc.add(event, at)
+            async for index, event in merge(streams, [event for event, _ in first]):
+                if event is not first[index][0]:
+                    accs[index].add(event, time.perf_counter())
                 choice = accs[index].chunk_choice(event)
                 if choice is not None:
                     yield sse(self._chunk(chunk_id, [choice]))
             if parsed.stream_options and parsed.stream_options.include_usage:
                 usage = ChoiceAccumulator.usage(accs)
                 yield sse(self._chunk(chunk_id, [], usage=usage.model_dump()))
+            status = "200"
+            for acc in accs:
+                self._choice_done(acc)
         except Exception as e:  # in-flight failure: an error event, then the stream ends
-            status = "error"
             logger.warning("request %s failed mid-stream: %r", request_id, e)
-            yield sse(json.loads(error_response(e).body))
-        finally:
-            release()
-            usage = ChoiceAccumulator.usage(accs)
-            self.metrics.request_done(status, time.perf_counter() - start, usage.completion_tokens)
+            error = error_response(e)
+            status = str(error.status_code)
+            yield sse(json.loads(error.body))
+        finally:  # a disconnect (CancelledError, GeneratorExit) keeps DISCONNECT_STATUS
+            slot.release(status)
         yield sse("[DONE]")
 
     def _chunk(
@@ -397,57 +411,18 @@ class _Route:
     llm: Any  # streaming
 
 
-class _Release:
-    """Gives an admitted request's slot back exactly once, whichever path gets there first."""
+class _Slot:
+    """An admitted request's in-flight slot, given back exactly once whichever path gets there
+    first; a stream's outcome is counted then (a unary one by `_counted_chat`)."""
 
-    def __init__(self, ingress: IngressDeployment) -> None:
+    def __init__(self, ingress: IngressDeployment, start: float) -> None:
         self.ingress: IngressDeployment | None = ingress
+        self.start = start
 
-    def __call__(self) -> None:
-        if self.ingress is not None:
-            self.ingress.inflight -= 1
-            self.ingress = None
-
-
-async def _first_event(stream: AsyncIterator[Any]) -> GenerationEvent:
-    try:
-        return GenerationEvent.from_wire(await stream.__anext__())
-    except StopAsyncIteration as e:
-        raise RuntimeError("LLM stream ended without an event") from e
-
-
-async def _merge(
-    streams: list[AsyncIterator[Any]], first: list[GenerationEvent]
-) -> AsyncIterator[tuple[int, GenerationEvent]]:
-    """Interleave the n choice streams as events arrive; first events go out first."""
-    for i, event in enumerate(first):
-        yield i, event
-    pending = [i for i, event in enumerate(first) if not event.finished]
-    if len(pending) == 1:
-        async for raw in streams[pending[0]]:
-            yield pending[0], GenerationEvent.from_wire(raw)
-        return
-    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-
-    async def pump(i: int) -> None:
-        try:
-            async for raw in streams[i]:
-                await queue.put((i, raw))
-            await queue.put((i, None))
-        except Exception as e:  # forwarded to the consumer below
-            await queue.put((i, e))
-
-    tasks = [asyncio.create_task(pump(i)) for i in pending]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            i, item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield i, GenerationEvent.from_wire(item)
-    finally:
-        for task in tasks:
-            task.cancel()
+    def release(self, status: str | None = None) -> None:
+        ingress, self.ingress = self.ingress, None
+        if ingress is None:
+            return
+        ingress.inflight -= 1
+        if status is not None:
+            ingress.metrics.request_done(status, time.perf_counter() - self.start)

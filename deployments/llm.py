@@ -17,7 +17,7 @@ from typing import Any
 from deployments.autoscaling import KV_USAGE, RUNNING_SEQS, WAITING_SEQS
 from deployments.device import resolve_device
 from deployments.events import EmbeddingPayload, EncodedRequest, GenerationEvent
-from deployments.metrics import EngineMetrics
+from deployments.metrics import EngineMetrics, TokenTimer
 from deployments.replica_loss import leave_when_engine_dies
 from deployments.stage import (
     STAGE_PING_TIMEOUT_S,
@@ -30,6 +30,8 @@ from internvl_core.preprocess.request import PreparedRequest
 from internvl_core.serve_args import ServeArgs
 
 logger = logging.getLogger(__name__)
+
+GAUGE_PERIOD_S = 1.0  # engine gauges are refreshed this often, busy or idle
 
 
 class LLMDeployment:
@@ -52,6 +54,8 @@ class LLMDeployment:
             engine, self.stages = build_pipeline_engine(args, dtype=dtype)
         self.engine = AsyncLLMEngine(engine)
         self.metrics = EngineMetrics()
+        self._gauge_task: asyncio.Task[None] | None = None
+        self._start_gauges()
         logger.info("LLM replica ready: %s, pp_size=%d", args.model_name, args.engine.pp_size)
 
     async def generate(
@@ -82,15 +86,17 @@ class LLMDeployment:
             image_hashes=hashes,
         )
         stream = leave_when_engine_dies(stream)
+        self._start_gauges()
+        timer = TokenTimer()
         pending: list[GenerationEvent] = []
         last_sent = 0.0
         async for out in stream:
-            pending.append(self._event(out))
             now = time.monotonic()
+            self.metrics.output(timer, now, len(out.token_ids), out.queue_time_s)
+            pending.append(self._event(out))
             if out.finished or not last_sent or now - last_sent >= stream_interval_s:
                 yield merge_events(pending).to_wire()
                 pending, last_sent = [], now
-        self._record()
 
     def _event(self, out: Any) -> GenerationEvent:
         return GenerationEvent(
@@ -123,15 +129,25 @@ class LLMDeployment:
             )
         return items
 
-    def _record(self) -> None:
-        stats = self.engine.stats
-        self.metrics.record(
-            waiting=stats.num_waiting,
-            running=stats.num_running,
-            used=stats.kv_blocks_total - stats.kv_blocks_free,
-            free=stats.kv_blocks_free,
-            hit=stats.prefix_cache_hit_rate,
-        )
+    def _start_gauges(self) -> None:
+        """Start the gauge refresh on the replica's loop (Serve runs `__init__` on it; a plain
+        construction outside a loop starts it with the first `generate`)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        task = self._gauge_task
+        if task is not None and not task.done() and task.get_loop() is loop:
+            return
+        self._gauge_task = loop.create_task(self._refresh_gauges())
+
+    async def _refresh_gauges(self) -> None:
+        while True:
+            try:
+                self.metrics.record(self.engine.stats, time.monotonic())
+            except Exception:  # a metrics failure must not stop the refresh
+                logger.exception("engine gauge refresh failed")
+            await asyncio.sleep(GAUGE_PERIOD_S)
 
     def stats(self) -> dict[str, Any]:
         """Engine counters (tests check KV blocks are all free after a disconnect)."""

@@ -21,6 +21,7 @@ from internvl_core.serve_args import DeploymentOptions, ServeArgs
 
 FAST_SHUTDOWN_S = 0.5
 HEALTH_PERIOD_S = 1.0
+METRICS_REPORT_MS = 500
 
 
 def free_port() -> int:
@@ -32,19 +33,30 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serve_cluster(
-    *, num_cpus: int = 8, num_gpus: int = 4, throughput_mode: bool = False
+    *,
+    num_cpus: int = 8,
+    num_gpus: int = 4,
+    throughput_mode: bool = False,
+    metrics_export_port: int | None = None,
 ) -> Iterator[str]:
     """A fresh local Ray cluster (GPUs are logical) with Serve's HTTP proxy on 127.0.0.1.
 
     Yields the proxy's base URL. Token auth is off for this local-only cluster (ray-serve-notes
     sec. 4). `throughput_mode` runs every Ray worker as `make run` does (deployments/serve_env):
     the ingress replica then also serves HTTP itself, on 127.0.0.1 from port 30000. The driver
-    keeps Ray's defaults, so its synchronous handle calls work.
+    keeps Ray's defaults, so its synchronous handle calls work. With `metrics_export_port`,
+    Ray's Prometheus endpoint serves `/metrics` there, refreshed every half second.
     """
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     port = free_port()
     env_vars = {"HF_HUB_OFFLINE": "1", **(THROUGHPUT_ENV if throughput_mode else {})}
+    metrics: dict[str, Any] = {}
+    if metrics_export_port is not None:
+        metrics = {
+            "_metrics_export_port": metrics_export_port,
+            "_system_config": {"metrics_report_interval_ms": METRICS_REPORT_MS},
+        }
     # "local": a plain ray.init() would join any cluster recorded in /tmp/ray by `ray start` or
     # `ray.cluster_utils.Cluster` (another test or engineer on this machine).
     ray.init(
@@ -54,6 +66,7 @@ def serve_cluster(
         include_dashboard=False,
         log_to_driver=False,
         runtime_env={"env_vars": env_vars},
+        **metrics,
     )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

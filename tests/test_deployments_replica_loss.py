@@ -18,15 +18,15 @@ from deployments.events import GenerationEvent, unwrap_error
 from deployments.ingress import IngressDeployment, error_response
 from deployments.replica_loss import REPLICA_LOST_RETRIES, leave_when_engine_dies, replica_lost
 from internvl_core.errors import EngineDeadError, MediaError
-from tests.test_deployments_ingress import (
+from tests.ingress_fakes import (
     FakePreprocess,
     FakeVision,
-    _body,
     _Call,
     _Options,
-    _read,
-    _request,
 )
+from tests.ingress_fakes import chat_body as _body
+from tests.ingress_fakes import make_request as _request
+from tests.ingress_fakes import response_bytes as _read
 
 MODEL = "fake-model"
 

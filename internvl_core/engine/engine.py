@@ -352,6 +352,8 @@ class LLMEngine:
             kv_block_size=manager.block_size,
             prefix_cache_hit_rate=manager.prefix_cache_hit_rate,
             num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queried_tokens=manager.num_queried_blocks * manager.block_size,
+            prefix_cache_hit_tokens=manager.num_hit_blocks * manager.block_size,
         )
 
 
@@ -380,4 +382,9 @@ def _make_output(
         num_output_tokens=seq.num_output_tokens,
         num_cached_tokens=seq.num_cached_tokens,
         stop_reason=stop_reason,
+        queue_time_s=(
+            None
+            if seq.first_scheduled_time is None
+            else seq.first_scheduled_time - seq.request.arrival_time
+        ),
     )

@@ -23,6 +23,7 @@ class RequestOutput:
     num_output_tokens: int
     num_cached_tokens: int  # prompt tokens served from the prefix cache
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    queue_time_s: float | None = None  # arrival to first scheduled; None until scheduled
 
 
 @dataclass(slots=True)
@@ -50,8 +51,12 @@ class EngineStats:
     kv_blocks_total: int
     kv_blocks_free: int
     kv_block_size: int
-    prefix_cache_hit_rate: float
+    prefix_cache_hit_rate: float  # over the replica's lifetime
     num_preemptions: int
+    # Cumulative prompt tokens looked up in / served by the prefix cache; a reader takes the
+    # difference of two readings for a recent hit rate.
+    prefix_cache_queried_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
 
     @property
     def kv_usage(self) -> float:

@@ -8,6 +8,7 @@ newest running sequence is preempted by recompute (blocks freed, back to the fro
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -167,6 +168,7 @@ class Scheduler:
             if not seq.admitted:
                 seq.admitted = True
                 seq.num_cached_tokens = num_cached
+                seq.first_scheduled_time = time.monotonic()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             plan.append(self._plan(seq, num_new))

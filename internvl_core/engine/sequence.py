@@ -186,6 +186,7 @@ class Sequence:
     num_preemptions: int = 0
     in_flight: bool = False  # scheduled in a batch whose result has not come back
     admitted: bool = False
+    first_scheduled_time: float | None = None  # monotonic; arrival to here is the queue time
 
     def __post_init__(self) -> None:
         if not self.token_ids:

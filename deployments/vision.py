@@ -55,7 +55,8 @@ async def _gather_or_cancel(awaitables: list[Awaitable[torch.Tensor]]) -> list[t
 
 
 class VisionDeployment:
-    """One encoder per replica; `@serve.batch` groups concurrent images up to max_batch_tiles."""
+    """One encoder per replica; `@serve.batch` packs images (or chunks of a larger one) from
+    concurrent requests into batches of at most max_batch_tiles tiles."""
 
     def __init__(self, args: ServeArgs) -> None:
         device, dtype = resolve_device(args.dtype)
@@ -114,6 +115,7 @@ class VisionDeployment:
         """`_encode_batch` for one chunk, its tiles counted as pending until it returns, fails
         or is cancelled (the queued_tiles autoscaling signal)."""
         num_tiles = int(pixels.shape[0])
+        assert num_tiles <= self.config.max_batch_tiles  # else Ray fails the item (HTTP 500)
         self.num_pending_tiles += num_tiles
         try:
             return await self._encode_batch(pixels)

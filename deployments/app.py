@@ -141,11 +141,10 @@ def compose_app(
         .options(**deployment_options(args.preprocess, "Preprocess", num_gpus=0))
         .bind(args)
     )
-    vision = (
-        serve.deployment(vision_cls)
-        .options(**deployment_options(args.vision_encoder, "VisionEncoder", num_gpus=vision_gpus))
-        .bind(args)
-    )
+    vision_options = deployment_options(args.vision_encoder, "VisionEncoder", num_gpus=vision_gpus)
+    if args.vision.cache_bytes > 0:  # the embedding cache fills up to this; Ray reserves it
+        vision_options["ray_actor_options"]["memory"] = int(args.vision.cache_bytes)
+    vision = serve.deployment(vision_cls).options(**vision_options).bind(args)
     llm = serve.deployment(llm_cls).options(**llm_options(args, has_gpus)).bind(args)
     # The ingress admits `max_ongoing_requests` chats itself and answers the rest with its own
     # OpenAI-style 503 + Retry-After; Serve's cap sits above it (headroom for /health,

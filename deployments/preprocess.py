@@ -6,11 +6,16 @@ reference to the vision pool and the LLM replica. Refusals happen here, before a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
+from PIL import Image
+
 from deployments.metrics import PreprocessMetrics
 from internvl_core.config import ModelArchitecture
+from internvl_core.preprocess.image import _resize_pool
+from internvl_core.preprocess.prompt import IMG_CONTEXT_TOKEN
 from internvl_core.preprocess.request import PreparedRequest, RequestPreparer
 from internvl_core.protocol import ChatCompletionRequest
 from internvl_core.serve_args import ServeArgs
@@ -29,6 +34,10 @@ class PreprocessDeployment:
             arch, tokenizer, args.media, args.engine, args.default_sampling
         )
         self.metrics = PreprocessMetrics()
+        # What every image request relies on: the placeholder is one special token.
+        self._probe_text = f"<img>{IMG_CONTEXT_TOKEN * 2}</img>"
+        self._probe_ids = tokenizer.encode(self._probe_text)
+        self._probe_image = Image.new("RGB", (2, 2))
 
     async def prepare(self, request: ChatCompletionRequest, request_id: str) -> PreparedRequest:
         start = time.perf_counter()
@@ -48,4 +57,23 @@ class PreprocessDeployment:
         return prepared
 
     async def health(self) -> bool:
+        await self.check_health()
         return True
+
+    async def check_health(self) -> None:
+        """Serve calls this periodically; raising marks the replica unhealthy (replaced).
+
+        Cheap (microseconds of CPU): the tokenizer still maps image placeholders as at start,
+        and the thumbnail pool that tiling waits on accepts and finishes work. The probe is
+        awaited without blocking the event loop, so it never delays requests.
+        """
+        ids = self.preparer.tokenizer.encode(self._probe_text)
+        if ids != self._probe_ids:
+            raise RuntimeError(
+                f"tokenizer maps {self._probe_text!r} to {ids}, not {self._probe_ids}"
+            )
+        try:
+            done = _resize_pool().submit(self._probe_image.resize, (1, 1))
+            await asyncio.wrap_future(done)
+        except RuntimeError as e:  # "cannot schedule new futures after shutdown"
+            raise RuntimeError(f"thumbnail pool is not running: {e}") from e

@@ -1,7 +1,8 @@
-"""Vision pool replica: InternViT + projector batched by tiles across requests, LRU by image hash.
+"""Vision pool replica: InternViT + projector batched by tiles across requests, cached by hash.
 
 In: a PreparedRequest (by reference from Preprocess). Out: an `EmbeddingPayload` with
 `[num_image_tokens, D_llm]` rows in placeholder order, in the LLM dtype, or None for text-only.
+An image with more tiles than a batch holds is encoded in chunks; identical images in flight once.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 import torch
@@ -17,8 +18,10 @@ from ray import serve
 
 from deployments.autoscaling import PENDING_TILES
 from deployments.device import resolve_device
+from deployments.embedding_cache import EmbeddingCache
 from deployments.events import EmbeddingPayload, EncodedRequest
 from deployments.metrics import VisionMetrics
+from deployments.single_flight import SingleFlight
 from internvl_core.preprocess.request import PreparedRequest
 from internvl_core.serve_args import ServeArgs
 from internvl_core.vision import VisionEncoder
@@ -30,18 +33,44 @@ def _tiles_in_batch(items: list[np.ndarray]) -> int:
     return sum(int(item.shape[0]) for item in items)
 
 
+def split_tiles(tiles: np.ndarray, max_tiles: int) -> list[np.ndarray]:
+    """[T, S, S, 3] -> views of at most `max_tiles` tiles each, in order (a batch item must not
+    exceed `max_batch_tiles`: Ray fails a larger one with "Size of item is greater than
+    max_batch_size")."""
+    if max_tiles < 1:
+        raise ValueError(f"max_tiles is {max_tiles}; must be at least 1")
+    return [tiles[start : start + max_tiles] for start in range(0, tiles.shape[0], max_tiles)]
+
+
+async def _gather_or_cancel(awaitables: list[Awaitable[torch.Tensor]]) -> list[torch.Tensor]:
+    """gather(), but the first failure cancels the rest instead of leaving them queued."""
+    tasks = [asyncio.ensure_future(item) for item in awaitables]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 class VisionDeployment:
-    """One encoder per replica; `@serve.batch` groups concurrent images up to max_batch_tiles."""
+    """One encoder per replica; `@serve.batch` packs images (or chunks of a larger one) from
+    concurrent requests into batches of at most max_batch_tiles tiles."""
 
     def __init__(self, args: ServeArgs) -> None:
         device, dtype = resolve_device(args.dtype)
         self.encoder = VisionEncoder.from_checkpoint(args.model_path, dtype=dtype, device=device)
         self.config = config = args.vision
-        self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.cache = EmbeddingCache(config.cache_bytes)
+        self.inflight: SingleFlight[torch.Tensor] = SingleFlight()
         self.metrics = VisionMetrics()
         self.num_encoded_tiles = 0
         self.num_cache_hits = 0
         self.num_pending_tiles = 0  # cache-miss tiles waiting for or inside an encoder batch
+        self.last_encode_ok = -float("inf")  # monotonic time of the last successful encode
+        size = self.encoder.arch.force_image_size
+        self._probe_tile = np.zeros((1, size, size, 3), dtype=np.uint8)  # [1, S, S, 3]
         self._encode_batch.set_max_batch_size(config.max_batch_tiles)
         self._encode_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
 
@@ -55,7 +84,6 @@ class VisionDeployment:
         for image in prepared.images:
             cached = self.cache.get(image.content_hash)
             if cached is not None:
-                self.cache.move_to_end(image.content_hash)
                 found[image.content_hash] = cached
                 self.num_cache_hits += 1
                 self.metrics.cache_hits.inc()
@@ -63,29 +91,36 @@ class VisionDeployment:
                 todo.setdefault(image.content_hash, image.tiles)  # uint8 [T, S, S, 3]
         if todo:
             self.metrics.cache_misses.inc(len(todo))
-            outputs = await asyncio.gather(*(self._encode_counted(px) for px in todo.values()))
-            for key, rows in zip(todo, outputs, strict=True):
-                found[key] = rows
-                self._remember(key, rows)
+            outputs = await _gather_or_cancel(
+                [self.inflight.run(key, self._encoder_of(key, px)) for key, px in todo.items()]
+            )
+            found.update(zip(todo, outputs, strict=True))
         rows = torch.cat([found[image.content_hash] for image in prepared.images])
         return EncodedRequest.of(prepared, EmbeddingPayload.from_tensor(rows))  # [N_img, D_llm]
 
+    def _encoder_of(self, key: str, tiles: np.ndarray) -> Callable[[], Awaitable[torch.Tensor]]:
+        """The one encode of an image that concurrent requests for `key` share."""
+        return lambda: self._encode_image(key, tiles)
+
+    async def _encode_image(self, key: str, tiles: np.ndarray) -> torch.Tensor:
+        """All tiles of one image as batch items of at most max_batch_tiles, rows reassembled in
+        tile order and cached: [T * num_image_token, D_llm]."""
+        chunks = split_tiles(tiles, self.config.max_batch_tiles)
+        parts = await _gather_or_cancel([self._encode_counted(chunk) for chunk in chunks])
+        rows = parts[0] if len(parts) == 1 else torch.cat(parts)  # [T * tokens, D]
+        self.cache.put(key, rows)
+        return rows
+
     async def _encode_counted(self, pixels: np.ndarray) -> torch.Tensor:
-        """`_encode_batch` for one image, its tiles counted as pending until it returns, fails
+        """`_encode_batch` for one chunk, its tiles counted as pending until it returns, fails
         or is cancelled (the queued_tiles autoscaling signal)."""
         num_tiles = int(pixels.shape[0])
+        assert num_tiles <= self.config.max_batch_tiles  # else Ray fails the item (HTTP 500)
         self.num_pending_tiles += num_tiles
         try:
             return await self._encode_batch(pixels)
         finally:
             self.num_pending_tiles -= num_tiles
-
-    def _remember(self, key: str, rows: torch.Tensor) -> None:
-        if self.config.cache_entries == 0:
-            return
-        self.cache[key] = rows
-        while len(self.cache) > self.config.cache_entries:
-            self.cache.popitem(last=False)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01, batch_size_fn=_tiles_in_batch)
     async def _encode_batch(self, items: list[np.ndarray]) -> list[torch.Tensor]:
@@ -98,6 +133,7 @@ class VisionDeployment:
         self.metrics.encode_s.observe(time.perf_counter() - start)
         self.metrics.batch_tiles.observe(pixels.shape[0])
         self.num_encoded_tiles += int(pixels.shape[0])
+        self.last_encode_ok = time.monotonic()
         results, offset = [], 0
         for item in items:
             count = int(item.shape[0])
@@ -111,6 +147,8 @@ class VisionDeployment:
             "encoded_tiles": self.num_encoded_tiles,
             "cache_hits": self.num_cache_hits,
             "cache_entries": len(self.cache),
+            "cache_bytes": self.cache.num_bytes,
+            "inflight_joins": self.inflight.num_joined,
         }
 
     def record_autoscaling_stats(self) -> dict[str, float]:
@@ -118,4 +156,22 @@ class VisionDeployment:
         return {PENDING_TILES: float(self.num_pending_tiles)}
 
     async def health(self) -> bool:
+        await self.check_health()
         return True
+
+    async def check_health(self) -> None:
+        """Serve calls this periodically; raising marks the replica unhealthy (replaced).
+
+        Encodes one blank tile on the replica's device, directly (not behind queued batches),
+        unless an encode succeeded within `health_encode_interval_s`.
+        """
+        if time.monotonic() - self.last_encode_ok < self.config.health_encode_interval_s:
+            return
+        try:
+            out = await asyncio.to_thread(self.encoder.encode, self._probe_tile)
+        except Exception as e:
+            raise RuntimeError(f"vision encoder failed a one-tile encode: {e!r}") from e
+        # out: [1, num_image_token, D_llm]
+        if not bool(torch.isfinite(out).all()):
+            raise RuntimeError("vision encoder returned non-finite embeddings for a blank tile")
+        self.last_encode_ok = time.monotonic()

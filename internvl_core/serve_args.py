@@ -7,9 +7,9 @@ every deployment: model, engine limits, vision batching, media limits, defaults 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator, model_validator
 
 from internvl_core.config import EngineConfig, ModelArchitecture, SamplingParams
 
@@ -62,12 +62,40 @@ class DeploymentOptions(BaseModel):
 
 
 class VisionServeConfig(BaseModel):
-    """Vision pool batching and cache."""
+    """Vision pool batching, embedding cache and health probe."""
 
     model_config = _FROZEN
-    max_batch_tiles: int = Field(default=64, ge=1, description="tiles per encoder batch")
+    max_batch_tiles: int = Field(
+        default=64,
+        ge=1,
+        description="tiles per encoder batch; an image with more tiles (up to max_dynamic_patch "
+        "40 + thumbnail = 41) is encoded in chunks of this many, so any value >= 1 serves every "
+        "legal request",
+    )
     batch_wait_timeout_s: float = Field(default=0.01, ge=0, description="wait to fill a batch")
-    cache_entries: int = Field(default=256, ge=0, description="LRU embeddings kept (0 = off)")
+    cache_bytes: ByteSize = Field(
+        default=ByteSize(2**30),
+        description="embedding cache bound in bytes (int or '4GiB'), LRU; 0 = off. The "
+        "VisionEncoder replica reserves this much Ray `memory`. One 13-tile image is "
+        "3,328 rows x D_llm x 2 B in bf16: ~54 MB for the 76B (D 8192), ~6 MB for the 1B",
+    )
+    health_encode_interval_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="check_health encodes one tile at most this often (a batch that succeeded "
+        "within the interval counts as a pass)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_cache_entries(cls, data: Any) -> Any:
+        """The entry bound let a 76B replica hold 512 x 54 MB; name the field that replaced it."""
+        if isinstance(data, dict) and "cache_entries" in data:
+            raise ValueError(
+                "vision.cache_entries was replaced by vision.cache_bytes (a bound in bytes, "
+                "e.g. cache_bytes: 4GiB; 0 = off)"
+            )
+        return data
 
 
 class MediaLimits(BaseModel):

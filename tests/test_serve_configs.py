@@ -74,6 +74,10 @@ def _app_args(path: Path, tiny_checkpoint: Callable[..., Path]) -> dict[str, Any
     return {**app["args"], "model_path": str(checkpoint)}
 
 
+def _deployments(args: ServeArgs) -> list[Any]:
+    return build_deployments(build_app(args), name="app").deployments
+
+
 def test_every_seed_model_has_a_config() -> None:
     assert {path.stem for path in CONFIGS} == set(FAMILY)
 
@@ -102,6 +106,21 @@ def test_yaml_validates_through_build_app(path: Path, tiny_checkpoint: Callable[
             assert autoscaling is None, deployment.name
             continue
         assert autoscaling.policy.policy_function == POLICY[deployment.name]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_vision_replica_reserves_its_cache_bytes(
+    path: Path, tiny_checkpoint: Callable[..., Path]
+) -> None:
+    """The embedding cache is bounded by bytes and Ray reserves them (`memory`) per replica."""
+    args = ServeArgs.model_validate(_app_args(path, tiny_checkpoint))
+    assert 0 < args.vision.cache_bytes <= 16 * 2**30
+    memory = {d.name: d.ray_actor_options.get("memory") for d in _deployments(args)}
+    assert memory == {**dict.fromkeys(DEPLOYMENTS), "VisionEncoder": args.vision.cache_bytes}
+    raw = _app_args(path, tiny_checkpoint)
+    off = ServeArgs.model_validate({**raw, "vision": {**raw["vision"], "cache_bytes": 0}})
+    memory_off = {d.name: d.ray_actor_options.get("memory") for d in _deployments(off)}
+    assert memory_off == dict.fromkeys(DEPLOYMENTS)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -146,6 +165,8 @@ def test_yaml_gpu_topology(path: Path, tiny_checkpoint: Callable[..., Path]) -> 
         ({"quantization": "3bit"}, "quantization"),
         ({"llm": {"max_ongoing_requests": 0}}, "llm.max_ongoing_requests"),
         ({"vision": {"max_batch_tiles": 0}}, "vision.max_batch_tiles"),
+        ({"vision": {"cache_entries": 512}}, "vision.cache_bytes"),  # replaced: names the new one
+        ({"vision": {"cache_bytes": -1}}, "vision.cache_bytes"),
         ({"model_pth": "x"}, "model_pth"),
         ({"model_path": "/nonexistent/checkpoint"}, "model_path"),
         ({"llm": {"autoscaling": {"policy": "queued_tiles"}}}, "llm.autoscaling.policy"),

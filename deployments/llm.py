@@ -8,7 +8,6 @@ its KV blocks.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -18,12 +17,7 @@ from deployments.autoscaling import KV_USAGE, RUNNING_SEQS, WAITING_SEQS
 from deployments.device import resolve_device
 from deployments.events import EmbeddingPayload, EncodedRequest, GenerationEvent
 from deployments.metrics import EngineMetrics
-from deployments.stage import (
-    STAGE_PING_TIMEOUT_S,
-    RayStageWorker,
-    build_pipeline_engine,
-    kept_tokens,
-)
+from deployments.stage import RayStageWorker, build_pipeline_engine, kept_tokens, ping_stages
 from internvl_core.engine import AsyncLLMEngine, LLMEngine
 from internvl_core.preprocess.request import PreparedRequest
 from internvl_core.serve_args import ServeArgs
@@ -161,11 +155,11 @@ class LLMDeployment:
 
         Stages are pinged first: a dead stage actor raises ActorDiedError, which Serve treats as
         a crash at once, whereas the engine's own error (its loop dies with the stage) would
-        need several failed checks in a row.
+        need several failed checks in a row. A stage busy with a long step still answers (its
+        ping has its own thread), and the engine steps on its own thread, so nothing here waits
+        for a step.
         """
-        if self.stages:
-            pings = asyncio.gather(*(stage.actor.ping.remote() for stage in self.stages))
-            await asyncio.wait_for(pings, timeout=STAGE_PING_TIMEOUT_S)
+        await ping_stages(self.stages)
         self.engine.check_health()
 
 

@@ -3,10 +3,12 @@ stage i), behind the engine's StageWorker protocol.
 
 In: ScheduledBatches from the replica's engine and the previous stage's output by reference (an
 ObjectRef, so hidden states go stage to stage without visiting the replica). Out: StageOutput.
+Health pings run on their own thread, so a long step never makes a busy stage look dead.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from typing import Any
@@ -26,6 +28,9 @@ from internvl_core.serve_args import ServeArgs
 logger = logging.getLogger(__name__)
 
 STAGE_PING_TIMEOUT_S = 5.0
+# Steps (execute, KV set-up) run one at a time in submission order on the default thread; pings
+# run on a thread of their own and answer while a step is in flight (ray-serve-notes sec. 5).
+HEALTH_GROUP = "health"
 
 
 class StageActor:
@@ -51,11 +56,20 @@ class StageActor:
     def init_kv_cache(self, num_blocks: int) -> None:
         self.runner.init_kv_cache(num_blocks)
 
-    def execute(self, batch: ScheduledBatch, prev: StageOutput | None) -> StageOutput:
+    def execute(self, batch: ScheduledBatch, upstream: list[Any]) -> StageOutput:
+        """`upstream`: [] on stage 0, else [the previous stage's ObjectRef for this batch].
+
+        The ref comes nested so that Ray starts the call at once and it waits here, on the step
+        thread: a top-level ref would hold the actor's ordered queue, pings included, until the
+        previous stage finished.
+        """
+        prev: StageOutput | None = ray.get(upstream[0]) if upstream else None
         hidden = prev.hidden_states if prev is not None else None
         return self.runner.execute(batch, hidden)
 
+    @ray.method(concurrency_group=HEALTH_GROUP)
     def ping(self) -> tuple[int, int]:
+        """Liveness: answers while `execute` runs (its own thread; reads immutable state)."""
         return self.layers
 
 
@@ -79,7 +93,7 @@ class RayStageWorker:
         if not self.first and batch.image_embeds is not None:
             # Only stage 0 splices images: later stages need not receive the (large) rows.
             batch = dataclasses.replace(batch, image_embeds=None, image_token_indices=[])
-        return self.actor.execute.remote(batch, prev)
+        return self.actor.execute.remote(batch, [] if prev is None else [prev])
 
     def fetch(self, handle: Any) -> StageOutput:
         return ray.get(handle)
@@ -89,13 +103,35 @@ class RayStageWorker:
         ray.get(self.actor.ping.remote(), timeout=STAGE_PING_TIMEOUT_S)
 
 
+async def ping_stages(stages: list[RayStageWorker]) -> None:
+    """Ping every stage at once; raises ActorDiedError for a dead stage (Serve then replaces
+    the replica at once) or TimeoutError past STAGE_PING_TIMEOUT_S. A busy stage answers."""
+    if stages:
+        pings = asyncio.gather(*(stage.actor.ping.remote() for stage in stages))
+        await asyncio.wait_for(pings, timeout=STAGE_PING_TIMEOUT_S)
+
+
+def stage_actor_options(pg: Any, index: int) -> dict[str, Any]:
+    """Ray actor options of stage `index`: on bundle `index` of the replica's placement group
+    (any node without one), never restarted alone, one step at a time (in order)."""
+    options: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0, "max_concurrency": 1}
+    if pg is not None:
+        options["num_gpus"] = pg.bundle_specs[index].get("GPU", 0)
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            placement_group=pg, placement_group_bundle_index=index
+        )
+    return options
+
+
 def kept_tokens(args: ServeArgs) -> tuple[str, ...]:
     """Special tokens the served text keeps (grounding tags, like the original demo)."""
     return GROUNDING_TOKENS if args.keep_grounding_tokens else ()
 
 
-def build_pipeline_engine(args: ServeArgs, *, dtype: Any) -> tuple[LLMEngine, list[RayStageWorker]]:
-    """The replica's engine with one StageActor per bundle of its placement group.
+def build_pipeline_engine(
+    args: ServeArgs, *, dtype: Any, actor_cls: type[StageActor] = StageActor
+) -> tuple[LLMEngine, list[RayStageWorker]]:
+    """The replica's engine with one `actor_cls` actor per bundle of its placement group.
 
     Without a placement group (local testing) the actors are placed by Ray freely. Stages are
     never restarted alone (`max_restarts=0`): a lost stage loses its KV cache, so the replica
@@ -103,17 +139,12 @@ def build_pipeline_engine(args: ServeArgs, *, dtype: Any) -> tuple[LLMEngine, li
     """
     del dtype  # each stage resolves its own device and dtype from args
     pg = get_current_placement_group()
-    remote_cls = ray.remote(StageActor)
+    # Concurrency groups are fixed by ray.remote (`.options()` refuses them).
+    remote_cls = ray.remote(concurrency_groups={HEALTH_GROUP: 1})(actor_cls)
     workers: list[RayStageWorker] = []
 
     def make_stage(index: int, lo: int, hi: int) -> RayStageWorker:
-        options: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0, "max_concurrency": 1}
-        if pg is not None:
-            bundle = pg.bundle_specs[index]
-            options["num_gpus"] = bundle.get("GPU", 0)
-            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                placement_group=pg, placement_group_bundle_index=index
-            )
+        options = stage_actor_options(pg, index)
         worker = RayStageWorker(
             remote_cls.options(**options).remote(args, lo, hi), first=index == 0
         )

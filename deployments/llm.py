@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from deployments.autoscaling import KV_USAGE, RUNNING_SEQS, WAITING_SEQS
+from deployments.client_errors import log_client_errors_in_one_line
 from deployments.device import resolve_device
 from deployments.events import EmbeddingPayload, EncodedRequest, GenerationEvent
 from deployments.metrics import EngineMetrics
@@ -29,6 +30,7 @@ class LLMDeployment:
     """Owns the engine; stage workers are in-process (PP=1) or actors on the replica's bundles."""
 
     def __init__(self, args: ServeArgs) -> None:
+        log_client_errors_in_one_line()  # e.g. a prompt over the KV pool: one line, no traceback
         device, dtype = resolve_device(args.dtype)
         self.args = args
         self.stages: list[RayStageWorker] = []

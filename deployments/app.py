@@ -8,12 +8,15 @@ each stage's own replicas/autoscaling, and one GPU bundle per pipeline stage of 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
+import click
 import ray
-import torch
 from ray import serve
+from ray.dashboard.modules.dashboard_sdk import parse_runtime_env_args
 from ray.serve import Application
+from ray.serve._private.constants import SERVE_NAMESPACE
 from ray.serve.config import BackpressureConfig
 
 from deployments.ingress import IngressDeployment
@@ -25,11 +28,34 @@ from internvl_core.serve_args import AutoscalingOptions, DeploymentOptions, Serv
 logger = logging.getLogger(__name__)
 
 
-def cluster_has_gpus() -> bool:
-    """GPUs in the Ray cluster (when connected), else on this machine."""
-    if ray.is_initialized():
-        return ray.cluster_resources().get("GPU", 0) > 0
-    return torch.cuda.is_available()
+def cluster_has_gpus(args: ServeArgs) -> bool:
+    """Whether `num_gpus: auto` options take a GPU: `use_gpus` when set, else whether the Ray
+    cluster has GPUs (never this machine's CUDA: a CPU-only head node may launch a GPU cluster).
+
+    YAML deploys run the builder inside Serve's controller, connected already. `serve run
+    deployments.app:build_app k=v` runs it *before* it connects to Ray, so connect here as it
+    would (its --address / RAY_ADDRESS and runtime_env; no address: the cluster `ray start`
+    recorded on this machine, else a new local one); the command then reuses the connection.
+    """
+    if args.use_gpus != "auto":
+        return args.use_gpus
+    if not ray.is_initialized():
+        _connect_like_serve_run()
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def _connect_like_serve_run() -> None:
+    """ray.init with the address and runtime_env of the `serve run` command calling us, if any."""
+    ctx = click.get_current_context(silent=True)
+    params = ctx.params if ctx is not None else {}
+    address = params.get("address", os.environ.get("RAY_ADDRESS"))
+    runtime_env = parse_runtime_env_args(
+        runtime_env=params.get("runtime_env"),
+        runtime_env_json=params.get("runtime_env_json"),
+        working_dir=params.get("working_dir"),
+    )
+    logger.info("connecting to Ray (address %s) to see its GPUs", address or "auto-detected")
+    ray.init(address=address, namespace=SERVE_NAMESPACE, runtime_env=runtime_env)
 
 
 def _gpus(option: DeploymentOptions, has_gpus: bool) -> float:
@@ -128,7 +154,9 @@ def compose_app(
 ) -> Application:
     """The graph with these stage classes (each constructed with `args`); `build_app` passes
     the real ones, `benchmarks/serve.py` model-free stand-ins to time the plumbing alone."""
-    has_gpus = cluster_has_gpus()
+    # Only an `auto` GPU option needs to know the cluster (and, under `serve run`, to connect).
+    needs_cluster = "auto" in (args.vision_encoder.num_gpus, args.llm.num_gpus)
+    has_gpus = cluster_has_gpus(args) if needs_cluster else False
     vision_gpus = _gpus(args.vision_encoder, has_gpus)
     logger.info(
         "building %s: pp_size=%d, GPUs in cluster: %s",
@@ -161,7 +189,7 @@ def compose_app(
             vision,
             llm,
             model_name=args.model_name,
-            max_model_len=args.engine.max_model_len,
+            max_model_len=args.max_model_len,
             max_inflight=max_inflight,
             stream_interval_s=args.stream_interval_s,
             text_args=args,

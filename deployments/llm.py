@@ -15,16 +15,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from deployments.autoscaling import KV_USAGE, RUNNING_SEQS, WAITING_SEQS
+from deployments.client_errors import log_client_errors_in_one_line
 from deployments.device import resolve_device
 from deployments.events import EmbeddingPayload, EncodedRequest, GenerationEvent
 from deployments.metrics import EngineMetrics, TokenTimer
 from deployments.replica_loss import leave_when_engine_dies
-from deployments.stage import (
-    STAGE_PING_TIMEOUT_S,
-    RayStageWorker,
-    build_pipeline_engine,
-    kept_tokens,
-)
+from deployments.stage import RayStageWorker, build_pipeline_engine, kept_tokens, ping_stages
 from internvl_core.engine import AsyncLLMEngine, LLMEngine
 from internvl_core.preprocess.request import PreparedRequest
 from internvl_core.serve_args import ServeArgs
@@ -38,6 +34,7 @@ class LLMDeployment:
     """Owns the engine; stage workers are in-process (PP=1) or actors on the replica's bundles."""
 
     def __init__(self, args: ServeArgs) -> None:
+        log_client_errors_in_one_line()  # e.g. a prompt over the KV pool: one line, no traceback
         device, dtype = resolve_device(args.dtype)
         self.args = args
         self.stages: list[RayStageWorker] = []
@@ -179,11 +176,11 @@ class LLMDeployment:
 
         Stages are pinged first: a dead stage actor raises ActorDiedError, which Serve treats as
         a crash at once, whereas the engine's own error (its loop dies with the stage) would
-        need several failed checks in a row.
+        need several failed checks in a row. A stage busy with a long step still answers (its
+        ping has its own thread), and the engine steps on its own thread, so nothing here waits
+        for a step.
         """
-        if self.stages:
-            pings = asyncio.gather(*(stage.actor.ping.remote() for stage in self.stages))
-            await asyncio.wait_for(pings, timeout=STAGE_PING_TIMEOUT_S)
+        await ping_stages(self.stages)
         self.engine.check_health()
 
 

@@ -12,6 +12,7 @@ import time
 
 from PIL import Image
 
+from deployments.client_errors import log_client_errors_in_one_line
 from deployments.metrics import PreprocessMetrics
 from internvl_core.config import ModelArchitecture
 from internvl_core.preprocess.image import _resize_pool
@@ -28,6 +29,7 @@ class PreprocessDeployment:
     """One RequestPreparer (tokenizer, media fetcher with its connection pool) per replica."""
 
     def __init__(self, args: ServeArgs) -> None:
+        log_client_errors_in_one_line()  # refusals are routine here: no tracebacks for them
         arch = ModelArchitecture.from_checkpoint(args.model_path)
         tokenizer = load_tokenizer(args.model_path)
         self.preparer = RequestPreparer(

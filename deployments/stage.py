@@ -5,10 +5,12 @@ In: ScheduledBatches from the replica's engine (each stage gets only the fields 
 states go stage to stage without visiting the replica: by torch.distributed P2P between the actors
 (`pp_transport: p2p`, gloo on CPU, NCCL on CUDA) or as an ObjectRef through Ray's object store.
 Out: StageOutput.
+Health pings run on their own thread, so a long step never makes a busy stage look dead.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import socket
@@ -31,6 +33,9 @@ from internvl_core.serve_args import ServeArgs
 logger = logging.getLogger(__name__)
 
 STAGE_PING_TIMEOUT_S = 5.0
+# Steps (execute, KV set-up) run one at a time in submission order on the default thread; pings
+# run on a thread of their own and answer while a step is in flight (ray-serve-notes sec. 5).
+HEALTH_GROUP = "health"
 
 
 class StageActor:
@@ -71,10 +76,16 @@ class StageActor:
             rank=rank, world_size=world_size, init_method=init_method, device=self.runner.device
         )
 
-    def execute(self, batch: ScheduledBatch, prev: StageOutput | None) -> StageOutput:
-        """Run the owned layers. Linked: receive from / send to the neighbour stages (`prev` is
-        None); else `prev` carries the previous stage's hidden states (object store)."""
+    def execute(self, batch: ScheduledBatch, upstream: list[Any]) -> StageOutput:
+        """Run the owned layers. Linked: receive from / send to the neighbour stages (`upstream`
+        is []); else `upstream` is [] on stage 0 and [the previous stage's ObjectRef] after it.
+
+        The ref comes nested so that Ray starts the call at once and it waits here, on the step
+        thread: a top-level ref would hold the actor's ordered queue, pings included, until the
+        previous stage finished.
+        """
         if self.transport is None:
+            prev: StageOutput | None = ray.get(upstream[0]) if upstream else None
             hidden = prev.hidden_states if prev is not None else None
             return self.runner.execute(batch, hidden)
         model = self.runner.model
@@ -103,7 +114,9 @@ class StageActor:
         self.transport.send(output.hidden_states)
         return StageOutput(output.batch_id)
 
+    @ray.method(concurrency_group=HEALTH_GROUP)
     def ping(self) -> tuple[int, int]:
+        """Liveness: answers while `execute` runs (its own thread; reads immutable state)."""
         return self.layers
 
 
@@ -131,8 +144,8 @@ class RayStageWorker:
     def submit(self, batch: ScheduledBatch, prev: Any) -> Any:
         batch = stage_view(batch, first=self.first, last=self.last)
         if not self.p2p:
-            return self.actor.execute.remote(batch, prev)
-        return [*(prev or ()), self.actor.execute.remote(batch, None)]
+            return self.actor.execute.remote(batch, [] if prev is None else [prev])
+        return [*(prev or ()), self.actor.execute.remote(batch, [])]
 
     def fetch(self, handle: Any) -> StageOutput:
         if not self.p2p:
@@ -167,13 +180,41 @@ def link_stages(workers: list[RayStageWorker]) -> None:
     )
 
 
+async def ping_stages(stages: list[RayStageWorker]) -> None:
+    """Ping every stage at once; raises ActorDiedError for a dead stage (Serve then replaces
+    the replica at once) or TimeoutError past STAGE_PING_TIMEOUT_S. A busy stage answers."""
+    if stages:
+        pings = asyncio.gather(*(stage.actor.ping.remote() for stage in stages))
+        await asyncio.wait_for(pings, timeout=STAGE_PING_TIMEOUT_S)
+
+
+def stage_actor_options(pg: Any, index: int) -> dict[str, Any]:
+    """Ray actor options of stage `index`: on bundle `index` of the replica's placement group
+    (any node without one), never restarted alone, one step at a time (in order)."""
+    options: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0, "max_concurrency": 1}
+    if pg is not None:
+        options["num_gpus"] = pg.bundle_specs[index].get("GPU", 0)
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            placement_group=pg, placement_group_bundle_index=index
+        )
+    return options
+
+
+def remote_stage_class(actor_cls: type[StageActor] = StageActor) -> Any:
+    """`actor_cls` as a Ray actor class with its health group (concurrency groups are fixed by
+    `ray.remote`; `.options()` refuses them)."""
+    return ray.remote(concurrency_groups={HEALTH_GROUP: 1})(actor_cls)
+
+
 def kept_tokens(args: ServeArgs) -> tuple[str, ...]:
     """Special tokens the served text keeps (grounding tags, like the original demo)."""
     return GROUNDING_TOKENS if args.keep_grounding_tokens else ()
 
 
-def build_pipeline_engine(args: ServeArgs, *, dtype: Any) -> tuple[LLMEngine, list[RayStageWorker]]:
-    """The replica's engine with one StageActor per bundle of its placement group.
+def build_pipeline_engine(
+    args: ServeArgs, *, dtype: Any, actor_cls: type[StageActor] = StageActor
+) -> tuple[LLMEngine, list[RayStageWorker]]:
+    """The replica's engine with one `actor_cls` actor per bundle of its placement group.
 
     Without a placement group (local testing) the actors are placed by Ray freely. Stages are
     never restarted alone (`max_restarts=0`): a lost stage loses its KV cache, so the replica
@@ -181,18 +222,12 @@ def build_pipeline_engine(args: ServeArgs, *, dtype: Any) -> tuple[LLMEngine, li
     """
     del dtype  # each stage resolves its own device and dtype from args
     pg = get_current_placement_group()
-    remote_cls = ray.remote(StageActor)
+    remote_cls = remote_stage_class(actor_cls)
     p2p = args.engine.pp_transport == "p2p"
     workers: list[RayStageWorker] = []
 
     def make_stage(index: int, lo: int, hi: int) -> RayStageWorker:
-        options: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0, "max_concurrency": 1}
-        if pg is not None:
-            bundle = pg.bundle_specs[index]
-            options["num_gpus"] = bundle.get("GPU", 0)
-            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                placement_group=pg, placement_group_bundle_index=index
-            )
+        options = stage_actor_options(pg, index)
         last = index == args.engine.pp_size - 1
         worker = RayStageWorker(
             remote_cls.options(**options).remote(args, lo, hi),

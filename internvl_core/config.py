@@ -285,3 +285,8 @@ class EngineConfig(BaseModel):
     enable_prefix_caching: bool = Field(default=True, description="share full prompt blocks")
     enable_chunked_prefill: bool = Field(default=True, description="split long prefills")
     max_waiting_requests: int = Field(default=1024, ge=1, description="queue bound (503 past)")
+
+    def max_model_len_for(self, llm: LLMArchitecture) -> int:
+        """The context a replica serves: max_model_len capped by the checkpoint's trained
+        max_position_embeddings. The engine, Preprocess's check and /v1/models all use it."""
+        return min(self.max_model_len, llm.max_position_embeddings)

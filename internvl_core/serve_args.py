@@ -52,7 +52,9 @@ class DeploymentOptions(BaseModel):
     autoscaling: AutoscalingOptions | None = Field(default=None, description="replaces count")
     max_ongoing_requests: int = Field(default=16, ge=1, description="per replica concurrency")
     max_queued_requests: int = Field(default=64, ge=-1, description="caller-side queue; -1 = off")
-    num_cpus: float = Field(default=1.0, ge=0, description="CPUs per replica")
+    # Fractions by default: the four default deployments (1.75 CPUs) fit a 2-CPU machine;
+    # the GPU YAMLs reserve whole CPUs where the work needs them.
+    num_cpus: float = Field(default=0.5, ge=0, description="CPUs per replica (Ray reservation)")
     num_gpus: float | Literal["auto"] = Field(
         default=0.0, description="GPUs per replica; auto = 1 when the cluster has GPUs, else 0"
     )
@@ -142,6 +144,11 @@ class ServeArgs(BaseModel):
         default_factory=lambda: SamplingParams(max_tokens=512),
         description="defaults a request's fields override",
     )
+    use_gpus: Literal["auto"] | bool = Field(
+        default="auto",
+        description="whether `num_gpus: auto` deployments take a GPU: auto = when the Ray "
+        "cluster has GPUs (decided once connected, never from this machine's CUDA)",
+    )
     keep_grounding_tokens: bool = Field(
         default=True,
         description="answers keep <ref>/<box> tags (as the original demo) and carry parsed boxes",
@@ -150,11 +157,11 @@ class ServeArgs(BaseModel):
         default=0.05, ge=0, description="SSE: steps arriving within this interval share a chunk"
     )
     ingress: DeploymentOptions = Field(
-        default_factory=lambda: DeploymentOptions(max_ongoing_requests=256, num_cpus=0.5),
+        default_factory=lambda: DeploymentOptions(max_ongoing_requests=256, num_cpus=0.25),
         description="HTTP ingress",
     )
     preprocess: DeploymentOptions = Field(
-        default_factory=lambda: DeploymentOptions(max_ongoing_requests=32, num_cpus=1),
+        default_factory=lambda: DeploymentOptions(max_ongoing_requests=32),
         description="CPU preprocessing",
     )
     vision_encoder: DeploymentOptions = Field(
@@ -204,3 +211,10 @@ class ServeArgs(BaseModel):
     @property
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model_path).resolve().name
+
+    @property
+    def max_model_len(self) -> int:
+        """The effective context (engine.max_model_len capped by the checkpoint's
+        max_position_embeddings): what /v1/models reports and every stage enforces."""
+        arch = ModelArchitecture.from_checkpoint(self.model_path)
+        return self.engine.max_model_len_for(arch.llm)

@@ -11,7 +11,7 @@ import pytest
 import ray
 import torch
 
-from deployments.stage import RayStageWorker, StageActor, link_stages, stage_view
+from deployments.stage import RayStageWorker, link_stages, remote_stage_class, stage_view
 from internvl_core.config import EngineConfig, ModelArchitecture, SamplingParams
 from internvl_core.engine.batch import SamplingRequest, ScheduledBatch
 from internvl_core.engine.model_runner import ModelRunner
@@ -77,7 +77,7 @@ def ray_local() -> Iterator[None]:
 def _ray_pipeline(path: Path, transport: str) -> Pipeline:
     engine = EngineConfig(block_size=BLOCK, num_kv_blocks=16, pp_size=2, pp_transport=transport)
     args = tiny_serve_args(path, engine=engine)
-    remote_cls = ray.remote(StageActor).options(num_cpus=0, max_restarts=0, max_concurrency=1)
+    remote_cls = remote_stage_class().options(num_cpus=0, max_restarts=0, max_concurrency=1)
     p2p = transport == "p2p"
     workers = [
         RayStageWorker(remote_cls.remote(args, lo, hi), first=i == 0, last=i == 1, p2p=p2p)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +119,32 @@ def test_default_max_tokens_clamped_to_fit(tiny_qwen2: Path) -> None:
     text = "word " * 300
     prepared = _prepare(preparer, _user({"type": "text", "text": text}))
     assert len(prepared.prompt_token_ids) + prepared.sampling.max_tokens <= 2048
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_max_tokens_alone_over_context_names_the_field(tiny_qwen2: Path, field: str) -> None:
+    """No prompt fits next to it: the error names the field the client set, not the messages,
+    and says nothing about images the request does not have."""
+    with pytest.raises(ContextLengthError) as info:
+        _prepare(_preparer(tiny_qwen2), {**_user({"type": "text", "text": "hi"}), field: 2048})
+    assert info.value.param == field
+    message = info.value.message
+    assert f"{field} 2048 alone fills max_model_len 2048" in message
+    assert "image" not in message and "max_dynamic_patch" not in message
+
+
+def test_context_limit_capped_by_max_position_embeddings(tiny_qwen2: Path, tmp_path: Path) -> None:
+    """max_model_len 2048 on a checkpoint trained for 512 positions: Preprocess refuses at 512,
+    the limit the engine enforces."""
+    checkpoint = tmp_path / "short"
+    shutil.copytree(tiny_qwen2, checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["llm_config"]["max_position_embeddings"] = 512
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    preparer = _preparer(checkpoint)
+    assert preparer.max_model_len == 512
+    with pytest.raises(ContextLengthError, match="max_model_len 512") as info:
+        _prepare(preparer, {**_user({"type": "text", "text": "hi"}), "max_tokens": 600})
+    assert info.value.param == "max_tokens"
+    prepared = _prepare(preparer, _user({"type": "text", "text": "hi"}))
+    assert len(prepared.prompt_token_ids) + prepared.sampling.max_tokens <= 512

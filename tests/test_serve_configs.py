@@ -16,10 +16,12 @@ from typing import Any
 
 import httpx
 import pytest
+import ray
 import yaml
 from PIL import Image
 from pydantic import ValidationError
 from ray import serve
+from ray.cluster_utils import Cluster
 from ray.serve import Application
 from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 from ray.serve._private.build_app import build_app as build_deployments
@@ -194,9 +196,73 @@ def test_wrong_arg_fails_naming_the_field(
 def test_command_line_args_build(tiny_qwen2: Path) -> None:
     """`serve run deployments.app:build_app model_path=DIR` passes plain strings."""
     app = call_user_app_builder_with_args_if_necessary(
-        build_app, {"model_path": str(tiny_qwen2), "dtype": "float32"}
+        build_app, {"model_path": str(tiny_qwen2), "dtype": "float32", "use_gpus": "false"}
     )
     assert isinstance(app, Application)
+
+
+def _built(args: dict[str, Any]) -> dict[str, Any]:
+    """Deployment name -> Serve Deployment of `build_app(args)`, as `serve run` builds it."""
+    app = call_user_app_builder_with_args_if_necessary(build_app, args)
+    return {d.name: d for d in build_deployments(app, name="app").deployments}
+
+
+def test_defaults_fit_a_two_cpu_machine(tiny_qwen2: Path) -> None:
+    """`serve run deployments.app:build_app model_path=DIR` on a laptop: every default replica
+    schedules on 2 CPUs."""
+    built = _built({"model_path": str(tiny_qwen2), "use_gpus": False})
+    options = [d.ray_actor_options for d in built.values()]
+    assert sum(o["num_cpus"] for o in options) <= 2
+    assert all(o["num_gpus"] == 0 for o in options)
+
+
+@pytest.mark.parametrize("use_gpus", [True, False])
+def test_explicit_use_gpus_needs_no_cluster(tiny_qwen2: Path, use_gpus: bool) -> None:
+    built = _built({"model_path": str(tiny_qwen2), "use_gpus": use_gpus})
+    assert not ray.is_initialized()
+    for name in ("VisionEncoder", "LLM"):
+        assert built[name].ray_actor_options["num_gpus"] == float(use_gpus)
+    assert built["Preprocess"].ray_actor_options["num_gpus"] == 0
+
+
+def test_models_card_reports_the_capped_context(tiny_qwen2: Path) -> None:
+    """engine.max_model_len past the checkpoint's 32768 positions: /v1/models (the ingress's
+    max_model_len) says what the engine and Preprocess enforce."""
+    args = {"model_path": str(tiny_qwen2), "use_gpus": False, "engine": {"max_model_len": 10**6}}
+    built = _built(args)
+    assert ServeArgs.model_validate(args).max_model_len == 32768
+    assert built["Ingress"].init_kwargs["max_model_len"] == 32768
+
+
+@pytest.mark.serve
+@pytest.mark.slow
+def test_auto_gpus_seen_from_a_cpu_only_launcher(
+    tiny_qwen2: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`RAY_ADDRESS=... serve run deployments.app:build_app model_path=DIR` from a CPU-only head
+    (as this machine): the builder runs before `serve run` connects, yet the GPU stages get the
+    worker node's GPUs."""
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+    try:
+        cluster.add_node(num_cpus=1, num_gpus=2)
+        monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+        assert not ray.is_initialized()
+        built = _built({"model_path": str(tiny_qwen2)})
+        assert ray.is_initialized()
+        assert built["LLM"].ray_actor_options["num_gpus"] == 1
+        assert built["VisionEncoder"].ray_actor_options["num_gpus"] == 1
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        _forget_cluster_address(cluster.address)
+
+
+def _forget_cluster_address(address: str) -> None:
+    """`Cluster` records its address where a plain `ray.init()` on this machine would join it;
+    remove that so other processes keep starting their own clusters."""
+    path = Path(ray._private.utils.get_ray_address_file(None))
+    if path.exists() and path.read_text().strip() == address:
+        path.unlink()
 
 
 # ---- autoscaling: vision and LLM replicas follow their own load --------------------------------

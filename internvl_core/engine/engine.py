@@ -77,7 +77,7 @@ class LLMEngine:
         self.eos_token_ids = tuple(eos_token_ids)
         self.image_token_id = image_token_id
         self.model_arch = model_arch
-        self.max_model_len = min(config.max_model_len, model_arch.max_position_embeddings)
+        self.max_model_len = config.max_model_len_for(model_arch)
         if self.max_model_len < config.max_model_len:
             logger.info("max_model_len capped to max_position_embeddings %d", self.max_model_len)
         self.num_kv_blocks = pipeline.init_kv_cache(config)

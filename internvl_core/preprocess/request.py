@@ -127,6 +127,8 @@ class RequestPreparer:
         self.tokenizer = tokenizer
         self.limits = limits
         self.engine = engine
+        # The same capped limit as the engine's and /v1/models' (EngineConfig.max_model_len_for).
+        self.max_model_len = engine.max_model_len_for(arch.llm)
         self.default_sampling = default_sampling
         self.template = get_template(arch.template)
         self.system_message = arch.system_message or self.template.system_message
@@ -209,19 +211,40 @@ class RequestPreparer:
         self, request: ChatCompletionRequest, prompt_len: int, num_tiles: int
     ) -> SamplingParams:
         sampling = request.sampling(self.default_sampling)
-        limit = self.engine.max_model_len
+        limit = self.max_model_len
+        field = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
         asked = request.max_completion_tokens or request.max_tokens
-        image_tokens = num_tiles * self.arch.num_image_token
+        if asked is not None and asked >= limit:  # no prompt can fit next to it
+            raise ContextLengthError(
+                f"{field} {asked} alone fills max_model_len {limit} (the prompt needs at least "
+                f"one token); this prompt of {prompt_len} tokens allows {field} up to "
+                f"{max(limit - prompt_len, 0)}",
+                param=field,
+            )
         if prompt_len >= limit or (asked is not None and prompt_len + asked > limit):
             raise ContextLengthError(
-                f"prompt has {prompt_len} tokens ({image_tokens} of them image tokens from "
-                f"{num_tiles} tiles) + max_tokens {asked or 1} > max_model_len {limit}; "
-                "reduce max_dynamic_patch, use detail=low, send fewer images or shorten the text",
+                f"prompt has {prompt_len} tokens{self._image_share(num_tiles)} + {field} "
+                f"{asked or 1} > max_model_len {limit}; {self._shorten_hint(num_tiles)}",
                 param="messages",
             )
         if prompt_len + sampling.max_tokens > limit:
             sampling = sampling.model_copy(update={"max_tokens": limit - prompt_len})
         return sampling
+
+    def _image_share(self, num_tiles: int) -> str:
+        if not num_tiles:
+            return ""
+        image_tokens = num_tiles * self.arch.num_image_token
+        return f" ({image_tokens} of them image tokens from {num_tiles} tiles)"
+
+    @staticmethod
+    def _shorten_hint(num_tiles: int) -> str:
+        if num_tiles:
+            return (
+                "reduce max_dynamic_patch, use detail=low, send fewer images, shorten the text "
+                "or lower max_tokens"
+            )
+        return "shorten the messages or lower max_tokens"
 
     def _tiling(self, item: MediaItem) -> TilingConfig:
         default = self.limits.max_dynamic_patch or self.arch.max_dynamic_patch

@@ -275,13 +275,14 @@ class IngressDeployment:
         try:
             for i in range(len(streams)):
                 role = ChunkChoice(index=i, delta=Delta(role="assistant", content=""))
-                yield sse(self._chunk(chunk_id, [role]))
+                yield sse(self._chunk(chunk_id, [role], _running_usage(parsed, accs, first)))
             self.metrics.first_token(time.perf_counter() - start)
             async for index, event in _merge(streams, first):
                 accs[index].add(event)
                 choice = accs[index].chunk_choice(event)
                 if choice is not None:
-                    yield sse(self._chunk(chunk_id, [choice]))
+                    usage = _running_usage(parsed, accs, first)
+                    yield sse(self._chunk(chunk_id, [choice], usage))
             if parsed.stream_options and parsed.stream_options.include_usage:
                 usage = ChoiceAccumulator.usage(accs)
                 yield sse(self._chunk(chunk_id, [], usage=usage.model_dump()))
@@ -306,6 +307,27 @@ class IngressDeployment:
         if usage is not None:
             payload["usage"] = usage
         return payload
+
+
+def _running_usage(
+    parsed: ChatCompletionRequest,
+    accs: list[ChoiceAccumulator],
+    first: list[GenerationEvent],
+) -> dict[str, int] | None:
+    """Usage so far, on every chunk, when the client asks for vLLM's `continuous_usage_stats`
+    (with `include_usage`, as vLLM requires); None otherwise."""
+    options = parsed.stream_options
+    if options is None or not (options.include_usage and options.continuous_usage_stats):
+        return None
+    usage = ChoiceAccumulator.usage(accs)
+    # The role chunks go out before any event is added: the prompt is counted already.
+    prompt = max([usage.prompt_tokens, *(event.num_prompt_tokens for event in first)])
+    completion = usage.completion_tokens
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
 
 
 def _app_path(request: Request) -> str:

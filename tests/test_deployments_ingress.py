@@ -243,6 +243,22 @@ def test_stream_chunks_usage_and_done() -> None:
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 2
 
 
+def test_continuous_usage_stats_put_usage_so_far_on_every_chunk() -> None:
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    body = _body(stream=True, stream_options=options, ignore_eos=True)
+    status, raw = _call(_ingress(FakeLLM(["a", "b", "c"])), _request(body))
+    assert status == 200
+    events = [line.removeprefix("data: ") for line in raw.decode().splitlines() if line]
+    chunks = [json.loads(e) for e in events[:-1]]
+    usages = [(c["usage"]["prompt_tokens"], c["usage"]["completion_tokens"]) for c in chunks]
+    assert usages == [(11, 0), (11, 1), (11, 2), (11, 3), (11, 3)]  # role, a, b, c, final
+    assert all(c["usage"]["total_tokens"] == sum(u) for c, u in zip(chunks, usages, strict=True))
+    plain = _body(stream=True, stream_options={"include_usage": True})
+    _, raw = _call(_ingress(FakeLLM(["a", "b"])), _request(plain))
+    chunks = [json.loads(line[6:]) for line in raw.decode().splitlines() if "{" in line]
+    assert ["usage" in c for c in chunks] == [False, False, False, True]
+
+
 def test_stage_error_maps_to_openai_error_with_param() -> None:
     error = MediaError("image could not be decoded", param="messages[0].content[0].image_url.url")
     status, raw = _call(_ingress(FakeLLM(["x"]), FakePreprocess(error)), _request(_body()))

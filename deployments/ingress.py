@@ -21,10 +21,12 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from deployments.auth import ApiKeyAuth
 from deployments.events import ChoiceAccumulator, GenerationEvent, unwrap_error
 from deployments.metrics import IngressMetrics
 from deployments.preprocess import PreprocessDeployment
 from internvl_core.errors import (
+    AuthenticationError,
     EngineOverloadedError,
     InternVLError,
     InvalidRequestError,
@@ -95,6 +97,7 @@ class IngressDeployment:
         max_inflight: int,
         stream_interval_s: float = 0.0,
         text_args: ServeArgs | None = None,
+        auth: ApiKeyAuth | None = None,
     ) -> None:
         self.preprocess = preprocess
         # With `text_args`, text-only requests are prepared here: a template and a tokenizer
@@ -125,9 +128,12 @@ class IngressDeployment:
         self.stream_interval_s = stream_interval_s
         self.inflight = 0
         self.metrics = IngressMetrics()
+        self.auth = auth  # None: no API keys configured, every route open
 
     async def __call__(self, request: Request) -> Response:
         path, method = _app_path(request), request.method
+        if (refused := self._authenticate(request, path)) is not None:
+            return refused
         try:
             if path == "/v1/chat/completions" and method == "POST":
                 return await self._chat(request)
@@ -138,6 +144,19 @@ class IngressDeployment:
             raise ModelNotFoundError(f"no route for {method} {path}")
         except Exception as e:  # every failure becomes OpenAI error JSON
             return error_response(e)
+
+    def _authenticate(self, request: Request, path: str) -> Response | None:
+        """A 401 in OpenAI error JSON for a `/v1/*` request without a valid key, when keys are
+        configured; None lets the request through (`/health` is always open)."""
+        if self.auth is None or not self.auth.guards(path):
+            return None
+        try:
+            self.auth.check(request.headers.get("authorization"))
+        except AuthenticationError as e:
+            response = error_response(e)
+            response.headers["www-authenticate"] = "Bearer"
+            return response
+        return None
 
     def _models(self) -> JSONResponse:
         card = ModelCard(id=self.model_name, max_model_len=self.max_model_len)

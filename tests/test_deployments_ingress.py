@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from starlette.requests import Request
 
+from deployments.auth import ApiKeyAuth
 from deployments.events import GenerationEvent
 from deployments.ingress import IngressDeployment
 from internvl_core.errors import MediaError
@@ -140,7 +141,10 @@ def _ingress(llm: FakeLLM, pre: FakePreprocess | None = None, max_inflight: int 
 
 
 def _request(
-    body: bytes | dict[str, Any], path: str = "/v1/chat/completions", root_path: str = ""
+    body: bytes | dict[str, Any],
+    path: str = "/v1/chat/completions",
+    root_path: str = "",
+    headers: dict[str, str] | None = None,
 ) -> Request:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     sent = False
@@ -158,7 +162,7 @@ def _request(
         "method": method,
         "path": root_path + path,  # ASGI: `path` holds the mount point, `root_path` names it
         "root_path": root_path,
-        "headers": [],
+        "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
         "query_string": b"",
     }
     return Request(scope, receive)
@@ -326,3 +330,27 @@ def test_stream_never_sent_still_frees_its_slot() -> None:
     asyncio.run(go())
     gc.collect()
     assert ingress.inflight == 0
+
+
+KEY = "sk-test-0123456789abcdef"
+
+
+def test_api_keys_guard_v1_routes_and_leave_health_open(caplog: pytest.LogCaptureFixture) -> None:
+    ingress = _ingress(FakeLLM(["x"]))
+    ingress.auth = ApiKeyAuth(["other-key", KEY])
+    caplog.set_level("DEBUG")
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        for path, body in (("/v1/chat/completions", _body()), ("/v1/models", b"")):
+            status, raw = _call(ingress, _request(body, path=path, headers=headers))
+            error = json.loads(raw)["error"]
+            assert status == 401 and error["type"] == "authentication_error", (headers, path)
+            assert KEY not in raw.decode() and "wrong" not in raw.decode()
+    refused = asyncio.run(ingress(_request(_body(), headers={"authorization": "Bearer nope"})))
+    assert refused.headers["www-authenticate"] == "Bearer"
+    right = {"Authorization": f"Bearer {KEY}"}
+    status, raw = _call(ingress, _request(_body(), headers=right))
+    assert status == 200 and json.loads(raw)["choices"][0]["message"]["content"] == "x-0"
+    assert _call(ingress, _request(b"", path="/v1/models", headers=right))[0] == 200
+    assert _call(ingress, _request(b"", path="/health"))[0] == 200
+    assert any(r.name == "deployments.ingress" for r in caplog.records)  # requests were logged
+    assert KEY not in caplog.text and "Bearer" not in caplog.text

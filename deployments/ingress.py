@@ -1,4 +1,5 @@
 """HTTP ingress: OpenAI routes, composition of the stages per request, SSE, error mapping.
+(Over 400 lines: the routes, the per-request composition and the SSE body share admission state.)
 
 In: starlette requests. Out: OpenAI JSON / server-sent events. Large arrays never materialise
 here: for a request with media, the Preprocess response is passed by reference to the vision
@@ -22,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from deployments.auth import ApiKeyAuth
-from deployments.events import ChoiceAccumulator, GenerationEvent, unwrap_error
+from deployments.events import ChoiceAccumulator, GenerationEvent, running_usage, unwrap_error
 from deployments.metrics import IngressMetrics
 from deployments.preprocess import PreprocessDeployment
 from internvl_core.errors import (
@@ -294,13 +295,15 @@ class IngressDeployment:
         try:
             for i in range(len(streams)):
                 role = ChunkChoice(index=i, delta=Delta(role="assistant", content=""))
-                yield sse(self._chunk(chunk_id, [role], _running_usage(parsed, accs, first)))
+                yield sse(
+                    self._chunk(chunk_id, [role], running_usage(parsed.stream_options, accs, first))
+                )
             self.metrics.first_token(time.perf_counter() - start)
             async for index, event in _merge(streams, first):
                 accs[index].add(event)
                 choice = accs[index].chunk_choice(event)
                 if choice is not None:
-                    usage = _running_usage(parsed, accs, first)
+                    usage = running_usage(parsed.stream_options, accs, first)
                     yield sse(self._chunk(chunk_id, [choice], usage))
             if parsed.stream_options and parsed.stream_options.include_usage:
                 usage = ChoiceAccumulator.usage(accs)
@@ -326,27 +329,6 @@ class IngressDeployment:
         if usage is not None:
             payload["usage"] = usage
         return payload
-
-
-def _running_usage(
-    parsed: ChatCompletionRequest,
-    accs: list[ChoiceAccumulator],
-    first: list[GenerationEvent],
-) -> dict[str, int] | None:
-    """Usage so far, on every chunk, when the client asks for vLLM's `continuous_usage_stats`
-    (with `include_usage`, as vLLM requires); None otherwise."""
-    options = parsed.stream_options
-    if options is None or not (options.include_usage and options.continuous_usage_stats):
-        return None
-    usage = ChoiceAccumulator.usage(accs)
-    # The role chunks go out before any event is added: the prompt is counted already.
-    prompt = max([usage.prompt_tokens, *(event.num_prompt_tokens for event in first)])
-    completion = usage.completion_tokens
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    }
 
 
 def _app_path(request: Request) -> str:

@@ -1,8 +1,12 @@
-"""Serve graph vs the same stages in one process: a bounded mixed text/image load on the tiny model.
+"""Serve graph vs the same stages in one process: a bounded text/image/video load on the tiny model.
 
 Runs N requests at a fixed concurrency (a) through the Ray Serve graph over HTTP (streaming, to
 time the first token) and (b) through the same preprocess + vision + engine code in-process, then
-prints one JSON line: graph_req_s, inproc_req_s, ratio, ttft_p50_ms, ttft_p99_ms, errors, device.
+prints one JSON line: graph_req_s, inproc_req_s, ratio, errors, device, and the graph's standard
+serving metrics as `vllm bench serve` defines them (serving_metrics.py): TTFT, TPOT, ITL and
+E2EL (mean, p50, p90, p99 ms), request / output-token throughput, goodput for `--goodput`
+targets, and the latencies per request kind (`by_kind`); `--trace FILE` writes every request's
+timings as JSONL.
 
 (c) replays the load through the real ingress with model-free stages (plumbing_stages.py):
 `plumbing_req_s` is what the graph's own HTTP + Serve plumbing allows on this machine when the
@@ -16,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import io
 import json
 import os
 import platform
@@ -26,14 +28,20 @@ import statistics
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import numpy as np
 import yaml
-from PIL import Image
+from serve_load import request_bodies, run_bounded, stream_load
+from serving_metrics import (
+    RequestRecord,
+    parse_goodput,
+    summarize,
+    summarize_by_kind,
+    write_trace,
+)
 
 WARMUP_REQUESTS = 64  # each path serves these first, unmeasured (torch and Ray warm up)
 
@@ -42,27 +50,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _bodies(model: str, num: int, image_share: float, max_tokens: int) -> list[dict[str, Any]]:
-    rng = np.random.default_rng(0)
-    bodies = []
-    for i in range(num):
-        text = f"Request {i}: tell me about item {rng.integers(1000)} and {rng.integers(1000)}."
-        content: list[dict[str, Any]] | str = text
-        if rng.random() < image_share:
-            width, height = int(rng.integers(60, 400)), int(rng.integers(60, 400))
-            pixels = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
-            buf = io.BytesIO()
-            Image.fromarray(pixels).save(buf, format="PNG")
-            url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-            content = [
-                {"type": "image_url", "image_url": {"url": url}},
-                {"type": "text", "text": text},
-            ]
-        messages = [{"role": "user", "content": content}]
-        bodies.append({"model": model, "messages": messages, "max_tokens": max_tokens})
-    return bodies
 
 
 def _cpu_seconds() -> dict[str, float]:
@@ -107,64 +94,6 @@ def _percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     return float(np.percentile(np.array(values), q))
-
-
-async def _run_bounded(
-    bodies: list[dict[str, Any]], concurrency: int, one: Any
-) -> tuple[float, list[float], int]:
-    semaphore = asyncio.Semaphore(concurrency)
-    ttfts: list[float] = []
-    errors = 0
-
-    async def run(body: dict[str, Any]) -> None:
-        nonlocal errors
-        async with semaphore:
-            try:
-                ttfts.append(await one(body))
-            except Exception:  # counted, not raised: the benchmark reports errors
-                errors += 1
-
-    start = time.perf_counter()
-    await asyncio.gather(*(run(b) for b in bodies))
-    return time.perf_counter() - start, ttfts, errors
-
-
-async def _graph(
-    bodies: list[dict[str, Any]],
-    concurrency: int,
-    url: str,
-    chunks: list[int] | None = None,
-    prefix: str = "",
-) -> tuple[float, list[float], int]:
-    """The load through HTTP. aiohttp, not httpx: the client shares the 2 cores with the server
-    here, and aiohttp spends about half of httpx's CPU per streamed request. `chunks` collects
-    each request's number of SSE data chunks (the role chunk included, `[DONE]` not)."""
-    connector = aiohttp.TCPConnector(limit=concurrency * 2)
-    timeout = aiohttp.ClientTimeout(total=120)
-    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as client:
-
-        async def one(body: dict[str, Any]) -> float:
-            start = time.perf_counter()
-            first = None
-            payload = json.dumps({**body, "stream": True})
-            headers = {"content-type": "application/json"}
-            num_chunks = 0
-            async with client.post(
-                f"{prefix}/v1/chat/completions", data=payload, headers=headers
-            ) as resp:
-                if resp.status != 200:
-                    raise RuntimeError(f"HTTP {resp.status}")
-                async for line in resp.content:
-                    num_chunks += line.startswith(b"data: {")
-                    if first is None and line.startswith(b"data: ") and b'"content"' in line:
-                        first = time.perf_counter() - start
-                    if b'"error"' in line:
-                        raise RuntimeError(line.decode())
-            if chunks is not None:
-                chunks.append(num_chunks)
-            return first if first is not None else time.perf_counter() - start
-
-        return await _run_bounded(bodies, concurrency, one)
 
 
 def _inproc_stages(args: Any) -> tuple[Any, Any, Any]:
@@ -212,7 +141,7 @@ async def _inproc(
                 first = time.perf_counter() - start
         return first if first is not None else time.perf_counter() - start
 
-    return await _run_bounded(bodies, concurrency, one)
+    return await run_bounded(bodies, concurrency, one)
 
 
 def _plumbing_app(args: Any, events_per_request: int) -> Any:
@@ -243,6 +172,7 @@ class _Path:
     ttfts: list[float] = field(default_factory=list)
     errors: int = 0
     requests: int = 0
+    seconds: float = 0.0
     cpu_s: dict[str, float] = field(default_factory=dict)
 
     def measure(self, bodies: list[dict[str, Any]]) -> float:
@@ -250,6 +180,7 @@ class _Path:
         seconds, ttfts, errors = asyncio.run(self.run(bodies))
         for name, spent in _cpu_spent(before, _cpu_seconds()).items():
             self.cpu_s[name] = self.cpu_s.get(name, 0.0) + spent
+        self.seconds += seconds
         self.rates.append(len(bodies) / seconds)
         self.ttfts += ttfts
         self.errors += errors
@@ -271,12 +202,36 @@ def _device() -> str:
     return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
-def main() -> None:
+def _standard_metrics(
+    records: list[RequestRecord], seconds: float, opts: argparse.Namespace
+) -> dict[str, Any]:
+    """The graph's measured rounds as `vllm bench serve` reports them; the trace written."""
+    if opts.trace:
+        origin = min((r.start_s for r in records), default=0.0)
+        write_trace(opts.trace, [replace(r, start_s=r.start_s - origin) for r in records])
+    out = summarize(records, seconds, parse_goodput(opts.goodput))
+    out["by_kind"] = summarize_by_kind(records)
+    return out
+
+
+def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--image-share", type=float, default=0.5)
+    parser.add_argument("--video-share", type=float, default=0.0, help="requests with a clip")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument(
+        "--ignore-eos", action="store_true", help="send ignore_eos: every answer is max_tokens"
+    )
+    parser.add_argument(
+        "--goodput",
+        nargs="*",
+        default=[],
+        metavar="KEY=MS",
+        help="latency targets for goodput: ttft_ms=500 tpot_ms=50 e2el_ms=2000",
+    )
+    parser.add_argument("--trace", default=None, help="write per-request timings here (JSONL)")
     parser.add_argument(
         "--rounds",
         type=int,
@@ -295,6 +250,12 @@ def main() -> None:
         help="skip the model-free graph that measures the plumbing's own cost (ratio_ceiling)",
     )
     opts = parser.parse_args()
+    parse_goodput(opts.goodput)  # a typo fails now, not after the run
+    return opts
+
+
+def main() -> None:
+    opts = _parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     from internvl_core.serve_args import ServeArgs
@@ -303,7 +264,14 @@ def main() -> None:
     model_path = opts.model or str(make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny"))
     app_args, logging_config = _tiny_app_config(model_path)
     args = ServeArgs.model_validate(app_args)
-    bodies = _bodies(args.model_name, opts.requests, opts.image_share, opts.max_tokens)
+    bodies = request_bodies(
+        args.model_name,
+        opts.requests,
+        image_share=opts.image_share,
+        video_share=opts.video_share,
+        max_tokens=opts.max_tokens,
+        ignore_eos=opts.ignore_eos,
+    )
     warmup = bodies[:WARMUP_REQUESTS]
     conc = opts.concurrency
     stages = _inproc_stages(args)
@@ -333,17 +301,20 @@ def main() -> None:
     paths: dict[str, _Path] = {}
     try:
         chunks: list[int] = []
+        records: list[RequestRecord] = []  # the graph's measured rounds
         asyncio.run(_inproc(warmup, conc, stages))
-        asyncio.run(_graph(warmup, conc, front_url, chunks))
+        asyncio.run(stream_load(warmup, conc, front_url, chunks))
         paths["inproc"] = _Path(lambda b: _inproc(b, conc, stages))
-        paths["graph"] = _Path(lambda b: _graph(b, conc, front_url, chunks))
+        paths["graph"] = _Path(lambda b: stream_load(b, conc, front_url, chunks, records=records))
         if not opts.no_plumbing and direct:
             events = max(1, round(statistics.mean(chunks)) - 1)  # less the role chunk
             app = _plumbing_app(args, events)
             serve.run(app, name="plumbing", route_prefix="/plumbing", logging_config=logging_config)
             plumbing_url = direct_ingress_urls("plumbing", host="127.0.0.1")[0]
-            asyncio.run(_graph(warmup, conc, plumbing_url, prefix="/plumbing"))
-            paths["plumbing"] = _Path(lambda b: _graph(b, conc, plumbing_url, prefix="/plumbing"))
+            asyncio.run(stream_load(warmup, conc, plumbing_url, prefix="/plumbing"))
+            paths["plumbing"] = _Path(
+                lambda b: stream_load(b, conc, plumbing_url, prefix="/plumbing")
+            )
         # Interleaved rounds, the order rotating: a slower minute on this shared machine hits
         # every path alike.
         chunks.clear()
@@ -351,7 +322,7 @@ def main() -> None:
         for r in range(opts.rounds):
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 paths[name].measure(bodies)
-        proxy = _Path(lambda b: _graph(b, conc, proxy_url))
+        proxy = _Path(lambda b: stream_load(b, conc, proxy_url))
         if direct:
             proxy.measure(bodies)
     finally:
@@ -365,6 +336,7 @@ def main() -> None:
         "requests": opts.requests,
         "concurrency": conc,
         "image_share": opts.image_share,
+        "video_share": opts.video_share,
         "max_tokens": opts.max_tokens,
         "rounds": opts.rounds,
         "front": "direct-ingress" if direct else "serve-proxy",
@@ -372,8 +344,7 @@ def main() -> None:
         "inproc_req_s": round(inproc_req_s, 2),
         "ratio": round(statistics.median(ratios), 3),
         "ratio_per_round": [round(r, 3) for r in ratios],
-        "ttft_p50_ms": round(_percentile(graph.ttfts, 50) * 1e3, 1),
-        "ttft_p99_ms": round(_percentile(graph.ttfts, 99) * 1e3, 1),
+        **_standard_metrics(records, graph.seconds, opts),
         "inproc_ttft_p50_ms": round(_percentile(inproc.ttfts, 50) * 1e3, 1),
         "errors": graph.errors + proxy.errors,
         "inproc_errors": inproc.errors,

@@ -19,6 +19,7 @@ from ray.serve import Application
 from ray.serve._private.constants import SERVE_NAMESPACE
 from ray.serve.config import BackpressureConfig
 
+from deployments.auth import ApiKeyAuth
 from deployments.ingress import IngressDeployment
 from deployments.llm import LLMDeployment
 from deployments.preprocess import PreprocessDeployment
@@ -193,5 +194,6 @@ def compose_app(
             max_inflight=max_inflight,
             stream_interval_s=args.stream_interval_s,
             text_args=args,
+            auth=ApiKeyAuth.from_args(args),  # keys read here: a bad source fails the deploy
         )
     )

@@ -1,7 +1,8 @@
 """The LLM replica's stream wire format and how the ingress assembles choices from it.
 
 In: plain dicts yielded by `LLMDeployment.generate` (cheap to serialise). Out: OpenAI choices,
-chunks and usage; plus `unwrap_error` to see our exception through Ray's wrappers.
+chunks and usage (final, or on every chunk with continuous_usage_stats); plus `unwrap_error` to
+see our exception through Ray's wrappers.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from internvl_core.protocol import (
     ChunkChoice,
     Delta,
     GroundingBox,
+    StreamOptions,
     TokenLogprob,
     Usage,
 )
@@ -130,6 +132,26 @@ class ChoiceAccumulator:
         return Usage(
             prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
         )
+
+
+def running_usage(
+    options: StreamOptions | None,
+    accs: list[ChoiceAccumulator],
+    first: list[GenerationEvent],
+) -> dict[str, int] | None:
+    """Usage so far, for every chunk, when the client asks for vLLM's `continuous_usage_stats`
+    (with `include_usage`, as vLLM requires); None otherwise. `first`: each choice's first
+    event (the role chunks go out before any event is added, the prompt counted already)."""
+    if options is None or not (options.include_usage and options.continuous_usage_stats):
+        return None
+    usage = ChoiceAccumulator.usage(accs)
+    prompt = max([usage.prompt_tokens, *(event.num_prompt_tokens for event in first)])
+    completion = usage.completion_tokens
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
 
 
 @dataclass(slots=True)

@@ -1,4 +1,5 @@
 """HTTP ingress: OpenAI routes, composition of the stages per request, SSE, error mapping.
+(Over 400 lines: the routes, the per-request composition and the SSE body share admission state.)
 
 In: starlette requests. Out: OpenAI JSON / server-sent events. Large arrays never materialise
 here: for a request with media, the Preprocess response is passed by reference to the vision
@@ -23,8 +24,9 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from deployments.auth import ApiKeyAuth
 from deployments.choice_streams import first_events, merge
-from deployments.events import ChoiceAccumulator, GenerationEvent, unwrap_error
+from deployments.events import ChoiceAccumulator, GenerationEvent, running_usage, unwrap_error
 from deployments.metrics import DISCONNECT_STATUS, IngressMetrics
 from deployments.preprocess import PreprocessDeployment
 from deployments.replica_loss import (
@@ -35,6 +37,7 @@ from deployments.replica_loss import (
 )
 from deployments.request_body import MAX_BODY_BYTES, parse_chat_request, read_body
 from internvl_core.errors import (
+    AuthenticationError,
     EngineDeadError,
     EngineOverloadedError,
     InternVLError,
@@ -114,6 +117,7 @@ class IngressDeployment:
         text_args: ServeArgs | None = None,
         max_body_bytes: int = MAX_BODY_BYTES,
         metrics: IngressMetrics | None = None,
+        auth: ApiKeyAuth | None = None,
     ) -> None:
         self.preprocess = preprocess
         # With `text_args`, text-only requests are prepared here: a template and a tokenizer
@@ -145,10 +149,16 @@ class IngressDeployment:
         self.max_body_bytes = max_body_bytes
         self.inflight = 0
         self.metrics = metrics if metrics is not None else IngressMetrics()
+        self.auth = auth  # None: no API keys configured, every route open
 
     async def __call__(self, request: Request) -> Response:
         path, method = _app_path(request), request.method
-        if path == "/v1/chat/completions" and method == "POST":
+        chat = path == "/v1/chat/completions" and method == "POST"
+        if (refused := self._authenticate(request, path)) is not None:
+            if chat:
+                self.metrics.request_done(str(refused.status_code), 0.0)
+            return refused
+        if chat:
             return await self._counted_chat(request)
         try:
             if path == "/v1/models" and method == "GET":
@@ -158,6 +168,19 @@ class IngressDeployment:
             raise ModelNotFoundError(f"no route for {method} {path}")
         except Exception as e:  # every failure becomes OpenAI error JSON
             return error_response(e)
+
+    def _authenticate(self, request: Request, path: str) -> Response | None:
+        """A 401 in OpenAI error JSON for a `/v1/*` request without a valid key, when keys are
+        configured; None lets the request through (`/health` is always open)."""
+        if self.auth is None or not self.auth.guards(path):
+            return None
+        try:
+            self.auth.check(request.headers.get("authorization"))
+        except AuthenticationError as e:
+            response = error_response(e)
+            response.headers["www-authenticate"] = "Bearer"
+            return response
+        return None
 
     def _models(self) -> JSONResponse:
         card = ModelCard(id=self.model_name, max_model_len=self.max_model_len)
@@ -335,19 +358,22 @@ class IngressDeployment:
     ) -> AsyncIterator[str]:
         chunk_id = completion_id()
         accs = [ChoiceAccumulator(i) for i in range(len(streams))]
+        events = [event for event, _ in first]
+        options = parsed.stream_options
         status = DISCONNECT_STATUS  # until the stream ends one way or the other
         try:
             for i in range(len(streams)):
                 role = ChunkChoice(index=i, delta=Delta(role="assistant", content=""))
-                yield sse(self._chunk(chunk_id, [role]))
+                yield sse(self._chunk(chunk_id, [role], running_usage(options, accs, events)))
             for acc, (event, at) in zip(accs, first, strict=True):
                 acc.add(event, at)
-            async for index, event in merge(streams, [event for event, _ in first]):
+            async for index, event in merge(streams, events):
                 if event is not first[index][0]:
                     accs[index].add(event, time.perf_counter())
                 choice = accs[index].chunk_choice(event)
                 if choice is not None:
-                    yield sse(self._chunk(chunk_id, [choice]))
+                    usage = running_usage(options, accs, events)
+                    yield sse(self._chunk(chunk_id, [choice], usage))
             if parsed.stream_options and parsed.stream_options.include_usage:
                 usage = ChoiceAccumulator.usage(accs)
                 yield sse(self._chunk(chunk_id, [], usage=usage.model_dump()))

@@ -253,6 +253,12 @@ class SamplingParams(BaseModel):
     logprobs: bool = Field(default=False, description="return the chosen token's logprob")
     top_logprobs: int = Field(default=0, ge=0, le=20, description="alternatives per position")
     skip_special_tokens: bool = Field(default=True, description="as the original decode")
+    include_stop_str_in_output: bool = Field(
+        default=False, description="keep the matched stop string / stop token's text (vLLM)"
+    )
+    spaces_between_special_tokens: bool = Field(
+        default=True, description="slow (sentencepiece) decode joins added tokens with spaces"
+    )
 
     @property
     def greedy(self) -> bool:

@@ -79,3 +79,10 @@ class EngineDeadError(InternVLError):
 
     status_code = 503
     error_type = "engine_dead"
+
+
+class AuthenticationError(InternVLError):
+    """A `/v1/*` request without a valid API key while keys are configured (401)."""
+
+    status_code = 401
+    error_type = "authentication_error"

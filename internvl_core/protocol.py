@@ -71,9 +71,47 @@ class ChatMessage(BaseModel):
 class StreamOptions(BaseModel):
     model_config = _STRICT
     include_usage: bool = Field(default=False, description="send a final usage chunk")
+    continuous_usage_stats: bool = Field(
+        default=False, description="usage so far on every chunk too (vLLM extension)"
+    )
 
 
-class ChatCompletionRequest(BaseModel):
+class SamplingExtensions(BaseModel):
+    """vLLM's request extensions that load tools (GuideLLM, `vllm bench serve`, AIPerf) send;
+    each maps onto a `SamplingParams` field the engine implements. Fields nobody knows are
+    still refused: see the README's "Request fields" for why."""
+
+    model_config = _STRICT
+    ignore_eos: bool | None = Field(
+        default=None, description="do not stop at the template separator (run to max_tokens)"
+    )
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+        default=None, max_length=64, description="token ids that also end the answer"
+    )
+    include_stop_str_in_output: bool | None = Field(
+        default=None, description="keep the matched stop string in the answer"
+    )
+    skip_special_tokens: bool | None = Field(
+        default=None, description="drop special tokens from the text (default true)"
+    )
+    spaces_between_special_tokens: bool | None = Field(
+        default=None, description="slow tokenizers: spaces around added tokens (default true)"
+    )
+
+    def extension_sampling(self) -> dict[str, object]:
+        """The SamplingParams updates these fields ask for (unset fields keep the defaults)."""
+        update: dict[str, object] = {
+            "ignore_eos": self.ignore_eos,
+            "include_stop_str_in_output": self.include_stop_str_in_output,
+            "skip_special_tokens": self.skip_special_tokens,
+            "spaces_between_special_tokens": self.spaces_between_special_tokens,
+        }
+        if self.stop_token_ids is not None:
+            update["stop_token_ids"] = tuple(self.stop_token_ids)
+        return {k: v for k, v in update.items() if v is not None}
+
+
+class ChatCompletionRequest(SamplingExtensions):
     """The request body; unknown fields are refused (422) so typos never pass silently."""
 
     model_config = _STRICT
@@ -83,7 +121,7 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = Field(default=None, description="stream extras")
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="0 = greedy")
     top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="nucleus mass")
-    top_k: int | None = Field(default=None, ge=0, description="0 disables")
+    top_k: int | None = Field(default=None, ge=-1, description="0 or -1 (vLLM) disables")
     min_p: float | None = Field(default=None, ge=0.0, le=1.0, description="min relative prob")
     max_tokens: int | None = Field(default=None, ge=1, description="max new tokens")
     max_completion_tokens: int | None = Field(default=None, ge=1, description="alias")
@@ -132,7 +170,7 @@ class ChatCompletionRequest(BaseModel):
         update: dict[str, object] = {
             "temperature": self.temperature,
             "top_p": self.top_p,
-            "top_k": self.top_k,
+            "top_k": max(self.top_k, 0) if self.top_k is not None else None,
             "min_p": self.min_p,
             "max_tokens": self.max_completion_tokens or self.max_tokens,
             "min_tokens": self.min_tokens,
@@ -143,6 +181,7 @@ class ChatCompletionRequest(BaseModel):
             "top_logprobs": self.top_logprobs,
         }
         update = {k: v for k, v in update.items() if v is not None}
+        update.update(self.extension_sampling())
         if self.stop is not None:
             update["stop"] = self.stop_list
         if self.logprobs:

@@ -9,7 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 
 from internvl_core.config import EngineConfig, ModelArchitecture, SamplingParams
 
@@ -155,6 +163,18 @@ class ServeArgs(BaseModel):
     )
     stream_interval_s: float = Field(
         default=0.05, ge=0, description="SSE: steps arriving within this interval share a chunk"
+    )
+    # API keys: any source on turns the check on for /v1/*; the keys are the union of all.
+    api_keys: tuple[SecretStr, ...] = Field(
+        default=(),
+        description="accepted `Authorization: Bearer` keys; prefer api_keys_file/api_keys_env, "
+        "which keep keys out of configs and Serve's logs of app args",
+    )
+    api_keys_file: str | None = Field(
+        default=None, description="file with one key per line (blank and # lines skipped)"
+    )
+    api_keys_env: str | None = Field(
+        default=None, description="name of an environment variable holding comma-separated keys"
     )
     ingress: DeploymentOptions = Field(
         default_factory=lambda: DeploymentOptions(max_ongoing_requests=256, num_cpus=0.25),

@@ -184,18 +184,21 @@ def asgi_request(
         "method": method,
         "path": root_path + path,  # ASGI: `path` holds the mount point, `root_path` names it
         "root_path": root_path,
-        "headers": [(k.encode(), v.encode()) for k, v in (headers or {}).items()],
+        "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
         "query_string": b"",
     }
     return Request(scope, receive)
 
 
 def make_request(
-    body: bytes | dict[str, Any], path: str = "/v1/chat/completions", root_path: str = ""
+    body: bytes | dict[str, Any],
+    path: str = "/v1/chat/completions",
+    root_path: str = "",
+    headers: dict[str, str] | None = None,
 ) -> Request:
     """A request whose whole body arrives in one message."""
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return chunked_request([raw], path=path, root_path=root_path)[0]
+    return chunked_request([raw], path=path, root_path=root_path, headers=headers)[0]
 
 
 def chunked_request(

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from deployments.events import ChoiceAccumulator, EmbeddingPayload, GenerationEvent, unwrap_error
+from deployments.events import (
+    ChoiceAccumulator,
+    EmbeddingPayload,
+    GenerationEvent,
+    running_usage,
+    unwrap_error,
+)
 from deployments.llm import merge_events
 from internvl_core.errors import MediaError
+from internvl_core.protocol import StreamOptions
 
 
 def test_choice_with_grounding_boxes_and_usage() -> None:
@@ -64,3 +71,27 @@ def test_unwrap_error_walks_causes() -> None:
             self.cause = cause
 
     assert unwrap_error(Wrapper(Wrapper(inner))) is inner
+
+
+def test_running_usage_only_with_include_usage_and_continuous_stats() -> None:
+    first = [GenerationEvent(text="a", num_prompt_tokens=9, num_output_tokens=1)] * 2
+    accs = [ChoiceAccumulator(0), ChoiceAccumulator(1)]
+    both = StreamOptions(include_usage=True, continuous_usage_stats=True)
+    assert running_usage(both, accs, first) == {
+        "prompt_tokens": 9,  # known from the first events before any is added
+        "completion_tokens": 0,
+        "total_tokens": 9,
+    }
+    accs[0].add(GenerationEvent(text="a", num_prompt_tokens=9, num_output_tokens=3))
+    accs[1].add(GenerationEvent(text="b", num_prompt_tokens=9, num_output_tokens=2))
+    assert running_usage(both, accs, first) == {
+        "prompt_tokens": 9,
+        "completion_tokens": 5,  # summed over the choices, as the final usage
+        "total_tokens": 14,
+    }
+    for options in (
+        None,
+        StreamOptions(include_usage=True),
+        StreamOptions(continuous_usage_stats=True),
+    ):
+        assert running_usage(options, accs, first) is None  # vLLM needs both flags

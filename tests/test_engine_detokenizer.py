@@ -207,3 +207,21 @@ def test_project_tokenizers_deltas_concatenate_to_decode(
         ids = [t for t in _random_ids(tok, seed) if t not in excluded]  # type: ignore[arg-type]
         deltas = _stream(tok, ids, skip=skip)  # type: ignore[arg-type]
         assert "".join(deltas) == tok.decode(ids, skip_special_tokens=skip), (family, seed, ids)
+
+
+def test_spaces_between_special_tokens_off_reaches_the_decoder(tiny_internlm2: object) -> None:
+    """vLLM's request flag: the slow InternLM2 decode then joins added tokens without spaces."""
+    from internvl_core.tokenizer.loader import load_tokenizer
+
+    tok = load_tokenizer(tiny_internlm2)  # type: ignore[arg-type]
+    im_end = tok.token_to_id("<|im_end|>")
+    ids = [*tok.encode("Hello world", add_special_tokens=False), im_end, im_end]
+    for spaces in (True, False):
+        detok = IncrementalDetokenizer(
+            tok, [], skip_special_tokens=False, spaces_between_special_tokens=spaces
+        )
+        text = "".join(detok.append(t) for t in ids) + detok.flush()
+        assert text == tok.decode(
+            ids, skip_special_tokens=False, spaces_between_special_tokens=spaces
+        )
+        assert ("world <|im_end|> <|im_end|>" in text) == spaces

@@ -158,6 +158,32 @@ def test_streaming_outputs_and_stop_rules(tiny_qwen2: Path) -> None:
     _assert_drained(engine)
 
 
+def test_request_extensions_change_the_output(tiny_qwen2: Path) -> None:
+    """vLLM's request fields work end to end: ignore_eos runs to max_tokens, a stop string is
+    kept with include_stop_str_in_output."""
+    engine = _engine(tiny_qwen2, num_kv_blocks=64)
+    assert engine.tokenizer is not None
+    prompt = list(range(10, 30))
+    forced = SamplingParams(max_tokens=12, ignore_eos=True, min_tokens=12)
+    probe = engine.generate([prompt], forced)[0]
+    assert len(probe.token_ids) == 12 and probe.finish_reason == "length"
+    text = engine.tokenizer.decode(probe.token_ids)
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    assert stop.strip(), text
+    cut, kept = engine.generate(
+        [prompt, prompt],
+        [
+            forced.model_copy(update={"stop": (stop,), "min_tokens": 0}),
+            forced.model_copy(
+                update={"stop": (stop,), "min_tokens": 0, "include_stop_str_in_output": True}
+            ),
+        ],
+    )
+    assert text.startswith(kept.text) and kept.text.endswith(stop)
+    assert kept.text == cut.text + stop and cut.finish_reason == kept.finish_reason == "stop"
+    _assert_drained(engine)
+
+
 def test_eos_is_the_template_separator(tiny_qwen2: Path) -> None:
     engine = _engine(tiny_qwen2, num_kv_blocks=32)
     assert engine.tokenizer is not None

@@ -119,6 +119,19 @@ def test_streamed_text_never_shows_part_of_a_stop_string() -> None:
         assert all(s not in final for s in stops)
 
 
+def test_include_stop_str_in_output_keeps_the_stop_text() -> None:
+    params = SamplingParams(stop=("o wor",), include_stop_str_in_output=True)
+    steps = [(1, "Hel"), (2, "lo w"), (3, "orld")]
+    step, decision = _run(StopChecker(params, eos_token_ids=(EOS,)), steps)
+    assert step == 2 and decision is not None and decision.stop_reason == "o wor"
+    assert "Hello world"[: decision.truncate_text_to] == "Hello wor"  # text after it is cut
+    keep_ids = SamplingParams(skip_special_tokens=False, include_stop_str_in_output=True)
+    _, decision = _run(StopChecker(keep_ids, eos_token_ids=(EOS,)), [(5, "a"), (EOS, "<|e|>")])
+    assert decision == StopDecision("stop", EOS, None)  # the stop token's text stays
+    # Nothing is held back: a partial stop string is text the client gets either way.
+    assert StopChecker(params, eos_token_ids=(EOS,)).safe_text_len("Hello wo") == 8
+
+
 def test_finalize_chat_response_matches_original() -> None:
     for text, sep in [
         ("  The answer.<|im_end|>garbage", "<|im_end|>"),

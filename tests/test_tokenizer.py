@@ -202,6 +202,11 @@ def test_internlm2_decode_quirks_of_the_original(tokenizers: dict[str, Tokenizer
         "<IMG_CONTEXT> <IMG_CONTEXT>"
     )
     assert tok.decode([*hello, im_end]) == "Hello world"
+    # vLLM's / transformers' spaces_between_special_tokens=False joins them with nothing.
+    joined = tok.decode(
+        [*hello, im_end], skip_special_tokens=False, spaces_between_special_tokens=False
+    )
+    assert joined == "Hello world<|im_end|>"
     tokens = tok.convert_ids_to_tokens(hello)
     assert tok.convert_tokens_to_string(tokens) == "Hello world"
 

@@ -29,7 +29,13 @@ _CONTEXT_TOKENS = 4
 class TokenDecoder(Protocol):
     """The part of the project's `Tokenizer` (internvl_core/tokenizer/loader.py) used here."""
 
-    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str: ...
+    def decode(
+        self,
+        ids: Sequence[int],
+        *,
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+    ) -> str: ...
 
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]: ...
 
@@ -78,11 +84,16 @@ class IncrementalDetokenizer:
         prompt_token_ids: list[int],
         *,
         skip_special_tokens: bool,
+        spaces_between_special_tokens: bool = True,
     ) -> None:
         """`prompt_token_ids` are not decoded as context: the original decodes the new ids alone
-        (`batch_decode(output_ids)`), so the first token's text is exactly what it gives there."""
+        (`batch_decode(output_ids)`), so the first token's text is exactly what it gives there.
+        `spaces_between_special_tokens` is passed on only when off: on is every decoder's own
+        behaviour (and fast tokenizers ignore the flag, as in transformers)."""
         self._tokenizer = tokenizer
-        self._skip_special_tokens = skip_special_tokens
+        self._decode_options: dict[str, bool] = {"skip_special_tokens": skip_special_tokens}
+        if not spaces_between_special_tokens:
+            self._decode_options["spaces_between_special_tokens"] = False
         self.num_prompt_tokens = len(prompt_token_ids)
         self._ids: list[int] = []
         self._window_start = 0
@@ -126,7 +137,7 @@ class IncrementalDetokenizer:
         return self._release(final=True)
 
     def _decode(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
+        return self._tokenizer.decode(ids, **self._decode_options)
 
     def _is_byte_token(self, token_id: int) -> bool:
         token = self._tokenizer.convert_ids_to_tokens([token_id])[0]

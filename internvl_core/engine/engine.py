@@ -216,6 +216,7 @@ class LLMEngine:
                 self.tokenizer,
                 request.prompt_token_ids,
                 skip_special_tokens=params.skip_special_tokens,
+                spaces_between_special_tokens=params.spaces_between_special_tokens,
             )
         stop = StopChecker(params, eos_token_ids=self.eos_token_ids)
         self._states[request_id] = _RequestState(seq, stop, detokenizer)

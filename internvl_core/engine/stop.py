@@ -15,7 +15,8 @@ FinishReason = Literal["stop", "length"]
 @dataclass(frozen=True, slots=True)
 class StopDecision:
     """Why a sequence ends; `truncate_text_to` cuts the text (the stop string or the stop
-    token's own text is not returned). None keeps the whole text."""
+    token's own text is not returned, or ends the text with include_stop_str_in_output).
+    None keeps the whole text."""
 
     finish_reason: FinishReason
     stop_reason: int | str | None = None
@@ -48,8 +49,10 @@ class StopChecker:
         # other outputs; a stop string once min_tokens outputs exist (vLLM).
         last_id = output_token_ids[-1]
         if num_outputs > min_tokens and last_id in self._stop_ids:
-            # The stop token's own text (e.g. "<|im_end|>" when specials are kept) is cut.
-            cut = previous_len if len(text) > previous_len else None
+            # The stop token's own text (e.g. "<|im_end|>" when specials are kept) is cut,
+            # unless the request asks to keep it (vLLM's include_stop_str_in_output).
+            keep = self._params.include_stop_str_in_output
+            cut = previous_len if len(text) > previous_len and not keep else None
             return StopDecision(finish_reason="stop", stop_reason=last_id, truncate_text_to=cut)
         if num_outputs >= min_tokens:
             decision = self._find_stop_string(text, previous_len)
@@ -69,11 +72,16 @@ class StopChecker:
                 best = (index, stop)
         if best is None:
             return None
-        return StopDecision(finish_reason="stop", stop_reason=best[1], truncate_text_to=best[0])
+        end = best[0] + len(best[1]) if self._params.include_stop_str_in_output else best[0]
+        return StopDecision(finish_reason="stop", stop_reason=best[1], truncate_text_to=end)
 
     def safe_text_len(self, text: str) -> int:
         """Length of the prefix of `text` that can be streamed: a tail that could still grow into
-        a stop string is held back, so a client never sees part of a stop string."""
+        a stop string is held back, so a client never sees part of a stop string. Nothing is
+        held when stop strings are returned (include_stop_str_in_output): a partial match is
+        text the client gets either way."""
+        if self._params.include_stop_str_in_output:
+            return len(text)
         hold = 0
         for stop in self._stop_strings:
             for size in range(min(len(stop) - 1, len(text)), hold, -1):

@@ -157,10 +157,13 @@ class InternLM2Tokenizer:
         *,
         skip_special_tokens: bool = True,
         special_ids: frozenset[int] | None = None,
+        spaces_between_special_tokens: bool = True,
     ) -> str:
         """Text of `ids` as the original slow tokenizer's `decode` gives it.
 
         `special_ids` overrides which ids count as special (the demo's kept grounding tags).
+        `spaces_between_special_tokens` (transformers' slow `_decode` flag, vLLM's request field)
+        joins the text runs and the spliced added tokens with spaces (on) or nothing (off).
         """
         special_ids = self.special_ids if special_ids is None else special_ids
         if skip_special_tokens:
@@ -188,7 +191,7 @@ class InternLM2Tokenizer:
         if run:
             sub_texts.append(self.convert_tokens_to_string(run, special_tokens=specials))
         # transformers 4.37 joins with spaces_between_special_tokens=True by default.
-        text = " ".join(sub_texts)
+        text = (" " if spaces_between_special_tokens else "").join(sub_texts)
         return clean_up_tokenization(text) if self.clean_up_tokenization_spaces else text
 
     def convert_tokens_to_string(

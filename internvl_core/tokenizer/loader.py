@@ -44,6 +44,7 @@ class TokenizerBackend(Protocol):
         *,
         skip_special_tokens: bool = True,
         special_ids: frozenset[int] | None = None,
+        spaces_between_special_tokens: bool = True,
     ) -> str: ...
 
     def token_to_id(self, token: str) -> int | None: ...
@@ -85,10 +86,21 @@ class Tokenizer:
         """Ids of `text`; `add_special_tokens` adds bos exactly as the checkpoint's tokenizer."""
         return self._backend.encode(text, add_special_tokens=add_special_tokens)
 
-    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
-        """Text of `ids`; special ids (minus kept ones) are dropped when skipping."""
+    def decode(
+        self,
+        ids: Sequence[int],
+        *,
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+    ) -> str:
+        """Text of `ids`; special ids (minus kept ones) are dropped when skipping.
+        `spaces_between_special_tokens` is the slow tokenizers' join of added tokens (fast
+        tokenizers ignore it, as in transformers)."""
         return self._backend.decode(
-            list(ids), skip_special_tokens=skip_special_tokens, special_ids=self.all_special_ids
+            list(ids),
+            skip_special_tokens=skip_special_tokens,
+            special_ids=self.all_special_ids,
+            spaces_between_special_tokens=spaces_between_special_tokens,
         )
 
     def batch_decode(
@@ -164,6 +176,7 @@ class FastTokenizerBackend:
         *,
         skip_special_tokens: bool = True,
         special_ids: frozenset[int] | None = None,
+        spaces_between_special_tokens: bool = True,  # ignored, as by transformers' fast decode
     ) -> str:
         special_ids = self.special_ids if special_ids is None else special_ids
         if skip_special_tokens:

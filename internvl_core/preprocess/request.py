@@ -27,6 +27,7 @@ from internvl_core.errors import (
     MediaError,
     PayloadTooLargeError,
 )
+from internvl_core.grammar import check_structured_output
 from internvl_core.preprocess.conversation import MediaItem, plan_conversation
 from internvl_core.preprocess.image import (
     TilingConfig,
@@ -209,6 +210,7 @@ class RequestPreparer:
         self, request: ChatCompletionRequest, prompt_len: int, num_tiles: int
     ) -> SamplingParams:
         sampling = request.sampling(self.default_sampling)
+        check_structured_output(sampling)  # response_format xgrammar refuses: 400, no GPU work
         limit = self.engine.max_model_len
         asked = request.max_completion_tokens or request.max_tokens
         image_tokens = num_tiles * self.arch.num_image_token

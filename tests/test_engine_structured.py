@@ -180,7 +180,9 @@ def _assert_drained(engine: LLMEngine) -> None:
 
 
 def _run_and_validate(engine: LLMEngine, num_requests: int, seed: int) -> None:
-    """`num_requests` over the schemas in turn, one continuous batch; every one must validate."""
+    """`num_requests` over the schemas in turn, one continuous batch; every one must validate,
+    as streamed (the joined per-step text deltas) and as decoded whole at the end."""
+    assert engine.tokenizer is not None
     names = list(SCHEMAS)
     chosen = [names[i % len(names)] for i in range(num_requests)]
     prompts = _prompts(engine, len(chosen), seed=seed)
@@ -188,6 +190,7 @@ def _run_and_validate(engine: LLMEngine, num_requests: int, seed: int) -> None:
     for name, out in zip(chosen, done, strict=True):
         assert out.finish_reason == "stop", (name, out.text)
         _assert_valid(out.text, SCHEMAS[name])
+        _assert_valid(engine.tokenizer.decode(out.token_ids), SCHEMAS[name])
     assert _structured(engine).grammars.num_compiled == len(set(chosen))  # once per schema
     _assert_drained(engine)
 

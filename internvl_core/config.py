@@ -285,6 +285,9 @@ class SamplingParams(BaseModel):
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0, description="HF-style")
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="OpenAI-style")
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="OpenAI-style")
+    structured_output: StructuredOutput | None = Field(
+        default=None, description="grammar the output follows (response_format); None: free text"
+    )
     seed: int | None = Field(
         default=None, ge=-(2**63), le=2**64 - 1, description="per-request RNG seed (64-bit)"
     )
@@ -294,9 +297,6 @@ class SamplingParams(BaseModel):
     logprobs: bool = Field(default=False, description="return the chosen token's logprob")
     top_logprobs: int = Field(default=0, ge=0, le=20, description="alternatives per position")
     skip_special_tokens: bool = Field(default=True, description="as the original decode")
-    structured_output: StructuredOutput | None = Field(
-        default=None, description="grammar the output follows (response_format); None: free text"
-    )
 
     @property
     def greedy(self) -> bool:

@@ -76,11 +76,6 @@ class ChatMessage(BaseModel):
     name: str | None = Field(default=None, description="ignored; accepted for compatibility")
 
 
-class StreamOptions(BaseModel):
-    model_config = _STRICT
-    include_usage: bool = Field(default=False, description="send a final usage chunk")
-
-
 class JsonSchemaFormat(BaseModel):
     """`response_format.json_schema`: OpenAI's named schema."""
 
@@ -115,6 +110,11 @@ class ResponseFormat(BaseModel):
             return None
         schema = self.json_schema.json_schema if self.json_schema is not None else None
         return StructuredOutput(type=self.type, json_schema=schema)
+
+
+class StreamOptions(BaseModel):
+    model_config = _STRICT
+    include_usage: bool = Field(default=False, description="send a final usage chunk")
 
 
 class ChatCompletionRequest(BaseModel):

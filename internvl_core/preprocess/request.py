@@ -134,6 +134,8 @@ class RequestPreparer:
         self.fetcher = MediaFetcher(limits)
 
     async def prepare(self, request: ChatCompletionRequest, request_id: str) -> PreparedRequest:
+        # A response_format xgrammar refuses is a 400 before any fetch or model work.
+        check_structured_output(request.sampling(self.default_sampling))
         plan = plan_conversation(request.messages, max_dynamic_patch=request.max_dynamic_patch)
         self._check_media(plan.media)
         groups = await _gather_or_cancel([self._load_media(item) for item in plan.media])
@@ -210,7 +212,6 @@ class RequestPreparer:
         self, request: ChatCompletionRequest, prompt_len: int, num_tiles: int
     ) -> SamplingParams:
         sampling = request.sampling(self.default_sampling)
-        check_structured_output(sampling)  # response_format xgrammar refuses: 400, no GPU work
         limit = self.engine.max_model_len
         asked = request.max_completion_tokens or request.max_tokens
         image_tokens = num_tiles * self.arch.num_image_token

@@ -1,4 +1,5 @@
-"""internvl_core.protocol: request fields that map onto SamplingParams (response_format here)."""
+"""internvl_core.protocol: `response_format` in the request model and its mapping onto
+SamplingParams (a file apart from test_protocol.py, which covers the other fields)."""
 
 from __future__ import annotations
 

@@ -17,9 +17,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from deployments.device import resolve_device
 from internvl_core.config import EngineConfig
-from internvl_core.engine import LLMEngine, ModelRunner
+from internvl_core.engine import LLMEngine, ModelRunner, StructuredOutputs
 from internvl_core.engine.batch import ScheduledBatch, StageOutput
-from internvl_core.engine.structured import StructuredOutputs
 from internvl_core.grounding import GROUNDING_TOKENS
 from internvl_core.model.decoder import DecoderModel
 from internvl_core.serve_args import ServeArgs

@@ -23,7 +23,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from deployments.device import resolve_device
 from internvl_core.config import EngineConfig
-from internvl_core.engine import LLMEngine, ModelRunner
+from internvl_core.engine import LLMEngine, ModelRunner, StructuredOutputs
 from internvl_core.engine.batch import ScheduledBatch, StageOutput
 from internvl_core.engine.stage_transport import P2PTransport
 from internvl_core.grounding import GROUNDING_TOKENS
@@ -51,7 +51,11 @@ class StageActor:
             device=device,
             quantization=args.quantization,
         )
-        self.runner = ModelRunner(model, block_size=args.engine.block_size)
+        # The last stage samples, so it holds the grammar matchers of structured outputs.
+        structured = StructuredOutputs.from_checkpoint(
+            args.model_path, vocab_size=model.arch.vocab_size
+        )
+        self.runner = ModelRunner(model, block_size=args.engine.block_size, structured=structured)
         self.layers = (start_layer, end_layer)
         self.transport: P2PTransport | None = None
         logger.info("stage for layers [%d, %d) ready on %s", start_layer, end_layer, device)

@@ -14,10 +14,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
-from internvl_core.config import EngineConfig, ModelArchitecture, SamplingParams
+from internvl_core.config import EngineConfig, ModelArchitecture, SamplingParams, StructuredOutput
 from internvl_core.engine import LLMEngine
 from internvl_core.errors import InvalidRequestError
+from internvl_core.grammar import check_structured_output
 from internvl_core.grounding import GROUNDING_TOKENS
 from internvl_core.preprocess.image import TilingConfig, load_image
 from internvl_core.preprocess.prompt import (
@@ -29,20 +31,31 @@ from internvl_core.preprocess.prompt import (
     get_template,
 )
 from internvl_core.preprocess.video import load_video
+from internvl_core.protocol import ResponseFormat
 from internvl_core.tokenizer import Tokenizer, load_tokenizer
 from internvl_core.vision import VisionEncoder
 
 logger = logging.getLogger(__name__)
 
 History = list[tuple[str, str]]
-_GENERATION_KEYS = {"max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "num_beams"}
+_GENERATION_KEYS = {
+    "max_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_p",
+    "top_k",
+    "num_beams",
+    "response_format",
+}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def sampling_from_generation_config(config: Mapping[str, Any]) -> SamplingParams:
     """HF-style generation_config -> SamplingParams, with HF's defaults when sampling.
 
-    Only the keys the model card uses are accepted; anything else is refused by name.
+    Only the keys the model card uses are accepted, plus `response_format` (OpenAI's shape:
+    {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}); anything else is
+    refused by name, and so is a schema xgrammar cannot compile.
     """
     unknown = sorted(set(config) - _GENERATION_KEYS - {"eos_token_id"})
     if unknown:
@@ -57,14 +70,30 @@ def sampling_from_generation_config(config: Mapping[str, Any]) -> SamplingParams
             param="num_beams",
         )
     max_new = int(config.get("max_new_tokens", 1024))
+    structured = _structured_output(config.get("response_format"))
     if not config.get("do_sample", False):
-        return SamplingParams(max_tokens=max_new, temperature=0.0)
-    return SamplingParams(
-        max_tokens=max_new,
-        temperature=float(config.get("temperature", 1.0)),
-        top_p=float(config.get("top_p", 1.0)),
-        top_k=int(config.get("top_k", 50)),
-    )
+        params = SamplingParams(max_tokens=max_new, temperature=0.0, structured_output=structured)
+    else:
+        params = SamplingParams(
+            max_tokens=max_new,
+            temperature=float(config.get("temperature", 1.0)),
+            top_p=float(config.get("top_p", 1.0)),
+            top_k=int(config.get("top_k", 50)),
+            structured_output=structured,
+        )
+    check_structured_output(params)  # before the vision encoder runs
+    return params
+
+
+def _structured_output(value: Any) -> StructuredOutput | None:
+    if value is None:
+        return None
+    try:
+        return ResponseFormat.model_validate(value).structured_output()
+    except ValidationError as e:
+        raise InvalidRequestError(
+            f"generation_config.response_format is invalid: {e}", param="response_format"
+        ) from e
 
 
 class InternVLChat:

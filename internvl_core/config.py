@@ -6,12 +6,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from internvl_core.errors import CheckpointError
 
@@ -231,6 +232,46 @@ class ModelArchitecture(BaseModel):
         return cls.from_dict(json.loads(cfg.read_text()))
 
 
+class StructuredOutput(BaseModel):
+    """The grammar a request's output must follow: OpenAI `response_format`, normalised.
+
+    The schema is kept as canonical JSON text (compact, key order kept: the order of
+    `properties` is the order the output must follow), so the model stays hashable and frozen.
+    """
+
+    model_config = _FROZEN
+    type: Literal["json_object", "json_schema"] = Field(
+        description="json_object: any JSON object; json_schema: JSON valid against json_schema"
+    )
+    json_schema: str | None = Field(
+        default=None, description="the JSON schema as JSON text (a dict is serialised)"
+    )
+
+    @field_validator("json_schema", mode="before")
+    @classmethod
+    def _canonical(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"json_schema is not valid JSON: {e}") from e
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> StructuredOutput:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required for type json_schema and only for it")
+        return self
+
+    @property
+    def key(self) -> str:
+        """Content hash: the compiled-grammar cache key."""
+        text = f"{self.type}\n{self.json_schema or ''}"
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
 class SamplingParams(BaseModel):
     """Per-request decoding controls; YAML defaults and HTTP requests parse into this one class."""
 
@@ -244,6 +285,9 @@ class SamplingParams(BaseModel):
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0, description="HF-style")
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="OpenAI-style")
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="OpenAI-style")
+    structured_output: StructuredOutput | None = Field(
+        default=None, description="grammar the output follows (response_format); None: free text"
+    )
     seed: int | None = Field(
         default=None, ge=-(2**63), le=2**64 - 1, description="per-request RNG seed (64-bit)"
     )

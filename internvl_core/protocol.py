@@ -10,9 +10,17 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from internvl_core.config import SamplingParams
+from internvl_core.config import SamplingParams, StructuredOutput
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
 
@@ -66,6 +74,42 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"] = Field(description="speaker")
     content: str | list[ContentPart] | None = Field(description="text or parts")
     name: str | None = Field(default=None, description="ignored; accepted for compatibility")
+
+
+class JsonSchemaFormat(BaseModel):
+    """`response_format.json_schema`: OpenAI's named schema."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64, description="schema name (a-z, 0-9, _ -)")
+    description: str | None = Field(default=None, description="what the schema is for")
+    # `schema` would shadow a BaseModel attribute, hence the alias.
+    json_schema: dict[str, JsonValue] = Field(alias="schema", description="the JSON Schema")
+    strict: bool | None = Field(
+        default=None, description="accepted; the output always follows the schema exactly"
+    )
+
+
+class ResponseFormat(BaseModel):
+    """`response_format`: free text, any JSON object, or JSON following a schema."""
+
+    model_config = _STRICT
+    type: Literal["text", "json_object", "json_schema"] = Field(description="output kind")
+    json_schema: JsonSchemaFormat | None = Field(
+        default=None, description="the schema (type json_schema only)"
+    )
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required for type json_schema and only for it")
+        return self
+
+    def structured_output(self) -> StructuredOutput | None:
+        """The grammar spec SamplingParams carries; None for free text."""
+        if self.type == "text":
+            return None
+        schema = self.json_schema.json_schema if self.json_schema is not None else None
+        return StructuredOutput(type=self.type, json_schema=schema)
 
 
 class StreamOptions(BaseModel):
@@ -140,6 +184,9 @@ class ChatCompletionRequest(SamplingExtensions):
         default=None, ge=1, le=40, description="max tiles per image (extension)"
     )
     user: str | None = Field(default=None, description="ignored; accepted for compatibility")
+    response_format: ResponseFormat | None = Field(
+        default=None, description="text, json_object or json_schema (structured output)"
+    )
 
     # Field validators (not one model validator) so a refusal's `loc`, hence the error's
     # `param`, names the offending field.
@@ -186,6 +233,8 @@ class ChatCompletionRequest(SamplingExtensions):
             update["stop"] = self.stop_list
         if self.logprobs:
             update["logprobs"] = True
+        if self.response_format is not None:
+            update["structured_output"] = self.response_format.structured_output()
         return SamplingParams.model_validate({**defaults.model_dump(), **update})
 
 

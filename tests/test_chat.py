@@ -7,9 +7,11 @@ with the template separator as the only eos, exactly as the original chat() conf
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import av
+import jsonschema
 import numpy as np
 import pytest
 import torch
@@ -190,3 +192,44 @@ def test_grounding_tokens_kept_only_when_asked(tiny_qwen2: Path) -> None:
     assert "".join(stream.append(i) for i in ids) + stream.flush() == text
     plain = InternVLChat.from_pretrained(tiny_qwen2, dtype="float32")
     assert plain.tokenizer.decode(ids, skip_special_tokens=True) == "cat[[1, 2, 3, 4]]"
+
+
+RECEIPT = {
+    "type": "object",
+    "properties": {
+        "shop": {"type": "string", "pattern": "^[A-Z][a-z]{1,7}$"},
+        "total": {"type": "number", "minimum": 0, "maximum": 500},
+        "paid": {"enum": ["cash", "card"]},
+    },
+    "required": ["shop", "total", "paid"],
+}
+STRUCTURED = {
+    "max_new_tokens": 120,
+    "do_sample": False,
+    "response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": RECEIPT}},
+}
+
+
+def test_response_format_in_generation_config(ref: Reference) -> None:
+    """Offline structured output with an image, a video and a batch: every answer validates."""
+    image = ref.model.load_image(_image(120, 80, 4), max_num=2)
+    answers = [ref.model.chat(image, "<image>\nRead the receipt.", STRUCTURED)]
+    pixels, num_patches = ref.model.load_video(io.BytesIO(_video_bytes()), num_segments=2)
+    prefix = "".join(f"Frame{i + 1}: <image>\n" for i in range(2))
+    answers.append(
+        ref.model.chat(pixels, prefix + "Bill?", STRUCTURED, num_patches_list=num_patches)
+    )
+    sampled = {**STRUCTURED, "do_sample": True, "temperature": 1.0}
+    answers += ref.model.batch_chat(None, ["one", "two", "three"], sampled)
+    for answer in answers:
+        jsonschema.validate(json.loads(answer), RECEIPT)
+
+
+def test_bad_response_format_in_generation_config() -> None:
+    bad_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "x"}}}
+    for value in (bad_schema, {"type": "json_schema"}, "json"):
+        with pytest.raises(InvalidRequestError) as info:
+            sampling_from_generation_config({"response_format": value})
+        assert info.value.param == "response_format"
+    text = sampling_from_generation_config({"response_format": {"type": "text"}})
+    assert text.structured_output is None

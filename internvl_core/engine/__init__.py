@@ -14,6 +14,7 @@ from internvl_core.engine.pipeline import (
     build_pipeline,
     split_layers,
 )
+from internvl_core.engine.structured import StructuredOutputs
 
 __all__ = [
     "AsyncLLMEngine",
@@ -25,6 +26,7 @@ __all__ = [
     "Pipeline",
     "RequestOutput",
     "StageWorker",
+    "StructuredOutputs",
     "build_pipeline",
     "split_layers",
 ]

@@ -36,6 +36,7 @@ from internvl_core.engine.scheduler import Scheduler
 from internvl_core.engine.sequence import Request, Sequence, SequenceStatus
 from internvl_core.engine.stop import StopChecker
 from internvl_core.errors import ContextLengthError, EngineOverloadedError, InvalidRequestError
+from internvl_core.grammar import check_structured_output
 from internvl_core.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -173,6 +174,8 @@ class LLMEngine:
             raise InvalidRequestError("stop strings need a tokenizer", param="stop")
         if num_image_rows and self.image_token_id is None:
             raise InvalidRequestError("image_embeds given but no <IMG_CONTEXT> id", param="image")
+        # Structured outputs: a schema xgrammar refuses is a 400 here, before any model work.
+        check_structured_output(params)
 
     def add_request(
         self,

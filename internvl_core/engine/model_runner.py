@@ -21,6 +21,7 @@ from internvl_core.engine.kv_cache import (
 )
 from internvl_core.engine.memory_plan import CudaMemoryReader, MemoryReader, measure_kv_plan
 from internvl_core.engine.sampler import Sampler, SamplerOutput, SamplingBatch, make_generator
+from internvl_core.engine.structured import StructuredOutputs
 from internvl_core.model.attention_metadata import AttentionMetadata
 from internvl_core.model.decoder import DecoderModel
 
@@ -29,16 +30,25 @@ logger = logging.getLogger(__name__)
 
 class ModelRunner:
     """Owns a DecoderModel (layers [lo, hi)), its KV block pool and, on the last stage, the
-    sampler with each request's seeded generator (kept here so remote stages keep RNG state)."""
+    sampler with each request's seeded generator (kept here so remote stages keep RNG state)
+    and grammar matcher (`structured`: its tokenizer is loaded on the first constrained request;
+    without one, a response_format request fails)."""
 
     def __init__(
-        self, model: DecoderModel, *, block_size: int, sampler: Sampler | None = None
+        self,
+        model: DecoderModel,
+        *,
+        block_size: int,
+        sampler: Sampler | None = None,
+        structured: StructuredOutputs | None = None,
     ) -> None:
         self.model = model
         self.block_size = block_size
         self.device = model.device
         self.kv_cache: KVCache | None = None
         self.sampler = (sampler or Sampler()) if model.is_last_stage else None
+        vocab_size = model.arch.vocab_size
+        self.structured = structured or StructuredOutputs(None, vocab_size=vocab_size)
         self._generators: dict[str, torch.Generator | None] = {}
         scaling = model.arch.rope_scaling
         self._long_rope_threshold: int | None = None
@@ -118,6 +128,7 @@ class ModelRunner:
         model = self.model
         for request_id in batch.finished_request_ids:
             self._generators.pop(request_id, None)
+        self.structured.free(batch.finished_request_ids)  # structured outputs: drop matchers
         inputs = self.prepare_input(batch)
         if model.is_first_stage:
             hidden = self._embed(batch, inputs)  # [T, D]
@@ -158,4 +169,9 @@ class ModelRunner:
             output_token_ids=[r.output_token_ids for r in batch.sampling],
             stop_token_ids=[r.eos_token_ids for r in batch.sampling],
         )
-        return self.sampler(logits, sampling)
+        # Structured outputs: grammar rows masked in place before sampling (others untouched),
+        # then each matcher takes its row's token.
+        self.structured.apply_constraints(logits, batch.sampling)
+        sampled = self.sampler(logits, sampling)
+        self.structured.advance(batch.sampling, sampled.token_ids)
+        return sampled

@@ -19,6 +19,7 @@ from internvl_core.config import EngineConfig, LLMArchitecture
 from internvl_core.engine.batch import ScheduledBatch, StageOutput
 from internvl_core.engine.model_runner import ModelRunner
 from internvl_core.engine.sampler import SamplerOutput
+from internvl_core.engine.structured import StructuredOutputs
 from internvl_core.errors import InvalidRequestError
 from internvl_core.model.decoder import DecoderModel
 
@@ -145,5 +146,7 @@ def build_pipeline(
             quantization=quantization,
             arch=arch,
         )
-        stages.append(LocalStageWorker(ModelRunner(model, block_size=config.block_size)))
+        structured = StructuredOutputs.from_checkpoint(path, vocab_size=arch.vocab_size)
+        runner = ModelRunner(model, block_size=config.block_size, structured=structured)
+        stages.append(LocalStageWorker(runner))
     return Pipeline(stages)

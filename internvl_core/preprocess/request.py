@@ -27,6 +27,7 @@ from internvl_core.errors import (
     MediaError,
     PayloadTooLargeError,
 )
+from internvl_core.grammar import check_structured_output
 from internvl_core.preprocess.conversation import MediaItem, plan_conversation
 from internvl_core.preprocess.image import (
     TilingConfig,
@@ -135,6 +136,8 @@ class RequestPreparer:
         self.fetcher = MediaFetcher(limits)
 
     async def prepare(self, request: ChatCompletionRequest, request_id: str) -> PreparedRequest:
+        # A response_format xgrammar refuses is a 400 before any fetch or model work.
+        check_structured_output(request.sampling(self.default_sampling))
         plan = plan_conversation(request.messages, max_dynamic_patch=request.max_dynamic_patch)
         self._check_media(plan.media)
         groups = await _gather_or_cancel([self._load_media(item) for item in plan.media])

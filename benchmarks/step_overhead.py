@@ -23,6 +23,7 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--steps", type=int, default=30, help="timed decode steps per measurement")
     p.add_argument("--delay-ms", type=float, default=20.0, help="simulated device step time D")
-    p.add_argument("--prompt-len", type=int, nargs=2, default=(16, 200), metavar=("MIN", "MAX"))
+    p.add_argument("--prompt-len", type=int, nargs=2, default=(8, 64), metavar=("MIN", "MAX"))
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-pp", action="store_true", help="skip the PP busy measurement")
@@ -70,44 +71,40 @@ class ComputeClock:
 
 
 class SimulatedDevice:
-    """One stream: jobs run in submission order on a thread that sleeps `delay_s` each."""
+    """One stream: jobs run in submission order on a thread; each takes at least `delay_s`."""
 
     def __init__(self, delay_s: float) -> None:
         self.delay_s = delay_s
         self.busy_s = 0.0
-        self._jobs: queue.SimpleQueue[tuple[Future[Any], Future[Any] | None, Any]] = (
-            queue.SimpleQueue()
-        )
+        self._jobs: queue.SimpleQueue[tuple[Future[Any], Future[Any] | None, Callable[..., Any]]]
+        self._jobs = queue.SimpleQueue()
         threading.Thread(target=self._run, daemon=True).start()
 
-    def launch(self, result: Any, after: Future[Any] | None) -> Future[Any]:
-        """`result` becomes visible after this job's delay, which starts once `after` is done."""
+    def launch(self, job: Callable[[Any], Any], after: Future[Any] | None) -> Future[Any]:
+        """Run `job(result of after)` once `after` is done; its future resolves D ms after start."""
         done: Future[Any] = Future()
-        self._jobs.put((done, after, result))
+        self._jobs.put((done, after, job))
         return done
 
     def _run(self) -> None:
         while True:
-            done, after, result = self._jobs.get()
-            if after is not None:
-                after.result()
+            done, after, job = self._jobs.get()
+            prev = after.result() if after is not None else None
             start = time.perf_counter()
-            time.sleep(self.delay_s)
+            result = job(prev)
+            # The tiny model's own compute is device work here: the job is padded to D ms.
+            time.sleep(max(0.0, self.delay_s - (time.perf_counter() - start)))
             self.busy_s += time.perf_counter() - start
             done.set_result(result)
 
 
-@dataclass
-class Handle:
-    output: StageOutput
-    done: Future[StageOutput]
-
-
 class SimulatedStage:
-    """StageWorker: the real runner computes at submit; the output waits on the device job."""
+    """StageWorker over a real runner. D = 0: runs at submit. D > 0: the device thread runs it
+    (the host only enqueues, as with a GPU) and its output is ready D ms after it starts."""
 
     def __init__(self, runner: ModelRunner, delay_s: float) -> None:
         self.runner = runner
+        self.delay_s = delay_s
         self.device = SimulatedDevice(delay_s)
         self.clock = ComputeClock(runner.model)
 
@@ -117,15 +114,18 @@ class SimulatedStage:
     def init_kv_cache(self, num_blocks: int) -> None:
         self.runner.init_kv_cache(num_blocks)
 
-    def submit(self, batch: ScheduledBatch, prev: Handle | None) -> Handle:
-        # The previous stage's output exists already (computed at its submit); only its device
-        # job may still be running, and this stage's job waits for it.
-        hidden = prev.output.hidden_states if prev is not None else None
-        output = self.runner.execute(batch, hidden)
-        return Handle(output, self.device.launch(output, prev.done if prev else None))
+    def submit(self, batch: ScheduledBatch, prev: Any) -> Any:
+        if self.delay_s == 0:
+            return self.runner.execute(batch, prev.hidden_states if prev is not None else None)
 
-    def fetch(self, handle: Handle) -> StageOutput:
-        return handle.done.result()
+        def job(prev_output: StageOutput | None) -> StageOutput:
+            hidden = prev_output.hidden_states if prev_output is not None else None
+            return self.runner.execute(batch, hidden)
+
+        return self.device.launch(job, prev)
+
+    def fetch(self, handle: Any) -> StageOutput:
+        return handle if self.delay_s == 0 else handle.result()
 
 
 @dataclass

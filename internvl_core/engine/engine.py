@@ -1,7 +1,10 @@
 """LLMEngine: requests in (prompt ids, image embeddings, SamplingParams), token/text deltas out.
 
-Each `step()` keeps up to `pp_size` scheduled batches in flight through the Pipeline, collects the
+Each `step()` first plans and submits batches until `max_in_flight` are in the Pipeline (pp_size,
+or 2 at PP=1 with async scheduling: step N+1 is prepared while step N runs), then collects the
 oldest one's sampled tokens, detokenizes them, applies the stop rules and frees finished requests.
+The host reads results one step behind the device; a request that stops at step N may have run one
+more, discarded step.
 """
 
 from __future__ import annotations
@@ -69,8 +72,10 @@ class LLMEngine:
         eos_token_ids: tuple[int, ...],
         image_token_id: int | None,
         model_arch: LLMArchitecture,
+        async_scheduling: bool = True,
     ) -> None:
-        """`tokenizer` None: no text (deltas stay empty) and stop strings are refused."""
+        """`tokenizer` None: no text (deltas stay empty) and stop strings are refused.
+        `async_scheduling` (PP=1): plan step N+1 while step N runs (else one batch at a time)."""
         self.pipeline = pipeline
         self.tokenizer = tokenizer
         self.config = config
@@ -86,7 +91,10 @@ class LLMEngine:
             config.block_size,
             enable_prefix_caching=config.enable_prefix_caching,
         )
-        self.scheduler = Scheduler(config, self.block_manager)
+        pp_size = pipeline.pp_size
+        async_decode = async_scheduling and pp_size == 1
+        self.max_in_flight = 2 if async_decode else pp_size
+        self.scheduler = Scheduler(config, self.block_manager, async_decode=async_decode)
         self._states: dict[str, _RequestState] = {}
         self._in_flight: deque[PendingBatch] = deque()
         self._aborted_outputs: list[RequestOutput] = []
@@ -251,7 +259,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule until `pp_size` batches are in flight, then finish the oldest one."""
         outputs, self._aborted_outputs = self._aborted_outputs, []
-        while len(self._in_flight) < self.pipeline.pp_size:
+        while len(self._in_flight) < self.max_in_flight:
             batch = self.scheduler.schedule()
             if batch is None:
                 break
@@ -263,18 +271,23 @@ class LLMEngine:
         return outputs
 
     def _process(self, pending: PendingBatch, sampled: SamplerOutput) -> list[RequestOutput]:
+        grown = self.scheduler.update(pending.batch.batch_id, sampled.token_ids)
+        states = self._states
+        if sampled.logprobs is None and sampled.top_logprobs is None:
+            return [
+                self._advance(states[seq.request_id], seq.token_ids[-1], None, None)
+                for seq in grown
+            ]
         rows = {req.request_id: i for i, req in enumerate(pending.batch.sampling)}
         outputs: list[RequestOutput] = []
-        for seq in self.scheduler.update(pending.batch.batch_id, sampled.token_ids):
-            state = self._states[seq.request_id]
+        for seq in grown:
             row = rows[seq.request_id]
-            token = seq.token_ids[-1]
             params = seq.request.params
             logprobs = [sampled.logprobs[row]] if params.logprobs and sampled.logprobs else None
             top = None
             if params.top_logprobs and sampled.top_logprobs is not None:
                 top = [sampled.top_logprobs[row]]
-            outputs.append(self._advance(state, token, logprobs, top))
+            outputs.append(self._advance(states[seq.request_id], seq.token_ids[-1], logprobs, top))
         return outputs
 
     def _advance(

@@ -39,6 +39,8 @@ class ModelRunner:
         self.kv_cache: KVCache | None = None
         self.sampler = (sampler or Sampler()) if model.is_last_stage else None
         self._generators: dict[str, torch.Generator | None] = {}
+        # (batch id, [num_samples] sampled ids on the device): feeds the next batch's placeholders.
+        self._last_sampled: tuple[int, torch.Tensor] | None = None
         scaling = model.arch.rope_scaling
         self._long_rope_threshold: int | None = None
         if scaling is not None and scaling.type == "longrope":
@@ -116,6 +118,8 @@ class ModelRunner:
         for request_id in batch.finished_request_ids:
             self._generators.pop(request_id, None)
         inputs = self.prepare_input(batch)
+        if batch.deferred_token_rows:
+            self._fill_deferred(batch, inputs)
         if model.is_first_stage:
             hidden = self._embed(batch, inputs)  # [T, D]
         else:
@@ -125,6 +129,16 @@ class ModelRunner:
         if not model.is_last_stage:
             return StageOutput(batch.batch_id, hidden_states=hidden)
         return StageOutput(batch.batch_id, sampled=self._sample(batch, hidden, inputs))
+
+    def _fill_deferred(self, batch: ScheduledBatch, inputs: ModelInput) -> None:
+        """Placeholder tokens take the previous batch's sampled ids, without leaving the device."""
+        last = self._last_sampled
+        assert self.model.is_first_stage and self.model.is_last_stage, "async decode is PP=1"
+        assert last is not None and last[0] == batch.batch_id - 1, "samples of the batch before"
+        device = self.device
+        rows = torch.tensor(batch.deferred_token_rows, dtype=torch.long, device=device)  # [P]
+        sources = torch.tensor(batch.deferred_sample_rows, dtype=torch.long, device=device)  # [P]
+        inputs.input_ids[rows] = last[1][sources]
 
     def _embed(self, batch: ScheduledBatch, inputs: ModelInput) -> torch.Tensor:
         hidden = self.model.embed_tokens(inputs.input_ids)  # [T, D]
@@ -141,6 +155,7 @@ class ModelRunner:
     ) -> SamplerOutput:
         assert self.sampler is not None
         if not batch.sampling:
+            self._last_sampled = None
             return SamplerOutput(token_ids=[])
         logits = self.model.compute_logits(hidden[inputs.sample_indices])  # [num_samples, V]
         generators = []
@@ -155,4 +170,6 @@ class ModelRunner:
             output_token_ids=[r.output_token_ids for r in batch.sampling],
             stop_token_ids=[r.eos_token_ids for r in batch.sampling],
         )
-        return self.sampler(logits, sampling)
+        output = self.sampler(logits, sampling)
+        self._last_sampled = (batch.batch_id, self.sampler.last_token_ids)
+        return output

@@ -3,8 +3,10 @@
 A real LLMEngine over the tiny generator's checkpoint (hidden 64, so the model costs almost
 nothing) runs steady decode batches of 1, 32, 128 and 256 sequences, streaming text on. Prints one
 JSON line: `host_ms_per_step` (step wall time minus the model's own compute, per batch size, greedy
-decode only), the same at 256 for decode mixed with a prefill chunk and for sampling (top_p,
-penalties, seeds), `host_us_per_seq`, `overlap_step_ms` (step period at 256 over a simulated device
+decode only: the step loop, `LLMEngine.step_tokens`), the same at 256 for decode mixed with a
+prefill chunk and for sampling (top_p, penalties, seeds), `host_us_per_seq`, the output side's ms
+per step (detokenization + stop strings, which run after the next step is submitted),
+`overlap_step_ms` (period of full `step()`s, output side included, at 256 over a simulated device
 of D ms per step) and the busy fraction of every stage at PP=2 and PP=4 (each stage D ms).
 
 The simulated device: a stage runs the real (tiny) model at submit, as a GPU stage enqueues its
@@ -98,6 +100,13 @@ class SimulatedDevice:
             done.set_result(result)
 
 
+class SkippedLayer(torch.nn.Module):
+    """A decoder layer of zero cost (the simulated device does the layers' work)."""
+
+    def forward(self, hidden: torch.Tensor, *_: Any, **__: Any) -> torch.Tensor:
+        return hidden  # [T, D]
+
+
 class SimulatedStage:
     """StageWorker over a real runner. D = 0: runs at submit. D > 0: the device thread runs it
     (the host only enqueues, as with a GPU) and its output is ready D ms after it starts."""
@@ -106,6 +115,11 @@ class SimulatedStage:
         self.runner = runner
         self.delay_s = delay_s
         self.device = SimulatedDevice(delay_s)
+        if delay_s > 0:
+            # The layers' CPU compute would compete with the host for these 2 cores: a GPU's
+            # does not. Tokens still come from the real head and sampler.
+            model = runner.model
+            model.layers = torch.nn.ModuleList(SkippedLayer() for _ in model.layers)
         self.clock = ComputeClock(runner.model)
 
     def plan_kv_blocks(self, config: EngineConfig) -> int:
@@ -195,41 +209,56 @@ def drain(setup: Setup) -> None:
         engine.step()
 
 
-def timed_steps(setup: Setup, steps: int, *, mixed_prompt: list[int] | None = None) -> list[float]:
-    """Per-step (wall, model compute) host ms of `steps` steps; optionally one prefill each."""
+def timed_steps(
+    setup: Setup, steps: int, *, mixed_prompt: list[int] | None = None
+) -> tuple[list[float], list[float]]:
+    """Per step: host ms of the step loop (wall minus model compute) and of the output side
+    (detokenization, stop strings); optionally one new prefill per step."""
     engine, clocks = setup.engine, [s.clock for s in setup.stages]
     host_ms: list[float] = []
+    output_ms: list[float] = []
     for i in range(steps):
         if mixed_prompt is not None:
             engine.add_request(f"mixed-{i}-{time.perf_counter()}", mixed_prompt, _params("", 0, 1))
         before = sum(c.total_s for c in clocks)
         start = time.perf_counter()
-        engine.step()
+        if not hasattr(engine, "step_tokens"):  # an engine before the output side was split
+            engine.step()
+            host_ms.append(1e3 * (time.perf_counter() - start - sum(c.total_s for c in clocks)))
+            host_ms[-1] += 1e3 * before
+            output_ms.append(0.0)
+            continue
+        tokens = engine.step_tokens()
         wall = time.perf_counter() - start
         host_ms.append(1e3 * (wall - (sum(c.total_s for c in clocks) - before)))
-    return host_ms
+        start = time.perf_counter()
+        engine.output_processor.process(tokens)
+        output_ms.append(1e3 * (time.perf_counter() - start))
+    return host_ms, output_ms
 
 
 def measure_host(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     setup = build(path, args, pp_size=1, delay_s=0.0)
     host: dict[str, float] = {}
+    output: dict[str, float] = {}
+    top = BATCH_SIZES[-1]
     for num in BATCH_SIZES:
         fill(setup, num, args, "greedy")
-        host[str(num)] = statistics.median(timed_steps(setup, args.steps))
-        if num == BATCH_SIZES[-1]:
-            mixed = statistics.median(
-                timed_steps(setup, args.steps, mixed_prompt=list(range(3, 67)))
-            )
+        loop_ms, output_ms = timed_steps(setup, args.steps)
+        host[str(num)], output[str(num)] = statistics.median(loop_ms), statistics.median(output_ms)
+        if num == top:
+            loop_ms, _ = timed_steps(setup, args.steps, mixed_prompt=list(range(3, 67)))
+            mixed = statistics.median(loop_ms)
         drain(setup)
-    fill(setup, BATCH_SIZES[-1], args, "sampled")
-    sampled = statistics.median(timed_steps(setup, args.steps))
+    fill(setup, top, args, "sampled")
+    sampled = statistics.median(timed_steps(setup, args.steps)[0])
     drain(setup)
-    top = str(BATCH_SIZES[-1])
     return {
         "host_ms_per_step": {k: round(v, 3) for k, v in host.items()},
-        "host_us_per_seq": round(1e3 * host[top] / BATCH_SIZES[-1], 2),
+        "host_us_per_seq": round(1e3 * host[str(top)] / top, 2),
         "host_ms_per_step_mixed_prefill": round(mixed, 3),
         "host_ms_per_step_sampled": round(sampled, 3),
+        "output_side_ms_per_step": {k: round(v, 3) for k, v in output.items()},
     }
 
 

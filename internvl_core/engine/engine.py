@@ -116,6 +116,7 @@ class LLMEngine:
         eos_token_ids: tuple[int, ...] | None = None,
         stage_factory: Callable[[int, int, int], StageWorker] | None = None,
         keep_special_tokens: tuple[str, ...] = (),
+        async_scheduling: bool = True,
     ) -> LLMEngine:
         """Build `config.pp_size` stages (layers split evenly) from an original folder.
 
@@ -147,6 +148,7 @@ class LLMEngine:
             eos_token_ids=eos_token_ids,
             image_token_id=tokenizer.token_to_id(IMG_CONTEXT_TOKEN),
             model_arch=arch.llm,
+            async_scheduling=async_scheduling,
         )
 
     # ---- requests -------------------------------------------------------------------------

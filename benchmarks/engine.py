@@ -113,6 +113,8 @@ def build_models(args: argparse.Namespace, folder: Path) -> tuple[LlamaForCausal
         eos_token_ids=(),
         image_token_id=None,
         model_arch=arch,
+        # `step_overhead` plans batches by hand between steps: no batch may be left in flight.
+        async_scheduling=False,
     )
     return hf, engine
 

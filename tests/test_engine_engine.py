@@ -244,3 +244,96 @@ def test_waiting_queue_bound_and_stats(tiny_qwen2: Path) -> None:
     while engine.has_unfinished():
         engine.step()
     _assert_drained(engine)
+
+
+# ---- async scheduling: results read back one step behind the device ----------------------------
+def _run(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict:
+    for rid, (prompt, params) in requests.items():
+        engine.add_request(rid, prompt, params)
+    outs: dict[str, list[Any]] = {rid: [] for rid in requests}
+    while engine.has_unfinished():
+        for out in engine.step():
+            outs[out.request_id].append(out)
+    return outs
+
+
+def _summary(outs: list[Any]) -> tuple[list[int], str, str | None, Any]:
+    tokens = [t for o in outs for t in o.token_ids]
+    last = outs[-1]
+    assert last.finished and not any(o.finished for o in outs[:-1])
+    return tokens, "".join(o.text_delta for o in outs), last.finish_reason, last.stop_reason
+
+
+def test_async_scheduling_equals_one_batch_at_a_time(tiny_qwen2: Path) -> None:
+    """Placeholder tokens fed from the previous batch's samples give the same tokens and text;
+    preemption happens with a step in flight; no block leaks."""
+    config = EngineConfig(
+        block_size=BLOCK, max_num_seqs=16, max_num_batched_tokens=24, num_kv_blocks=40
+    )
+    sync = LLMEngine.from_checkpoint(tiny_qwen2, config, async_scheduling=False)
+    engine = LLMEngine.from_checkpoint(tiny_qwen2, config)
+    assert (sync.max_in_flight, engine.max_in_flight) == (1, 2)
+    work = _workload(sync, 20, seed=3)
+    assert _tokens(engine, work) == _tokens(sync, work)
+    assert engine.stats.num_preemptions > 0, "the KV budget should force preemption"
+    _assert_drained(engine)
+
+
+@pytest.mark.parametrize("max_tokens", range(1, 7))
+def test_async_max_tokens_at_every_position(tiny_qwen2: Path, max_tokens: int) -> None:
+    engine = _engine(tiny_qwen2, num_kv_blocks=64)
+    prompt = list(range(10, 30))
+    ref = engine.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True))[0]
+    # Two requests so the engine always has another batch in flight.
+    outs = _run(
+        engine,
+        {
+            "a": (prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True)),
+            "b": (list(range(40, 50)), SamplingParams(max_tokens=7, ignore_eos=True)),
+        },
+    )
+    tokens, _, reason, _ = _summary(outs["a"])
+    assert tokens == ref.token_ids[:max_tokens] and reason == "length"
+    _assert_drained(engine)
+
+
+def test_async_stop_string_at_every_position(tiny_qwen2: Path) -> None:
+    engine = _engine(tiny_qwen2, num_kv_blocks=64)
+    prompt = list(range(10, 30))
+    neighbour = (list(range(40, 50)), SamplingParams(max_tokens=12, ignore_eos=True))
+    ref = engine.generate([prompt], SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    assert engine.tokenizer is not None
+    checked = 0
+    for end in range(1, len(ref.text) + 1):
+        stop = ref.text[max(0, end - 2) : end]
+        if not stop.strip() or "\ufffd" in stop or ref.text.find(stop) != end - len(stop):
+            continue  # only the first occurrence ends the text here
+        params = SamplingParams(max_tokens=12, ignore_eos=True, stop=[stop])
+        outs = _run(engine, {"a": (prompt, params), "b": neighbour})
+        tokens, text, reason, stop_reason = _summary(outs["a"])
+        assert (text, reason, stop_reason) == (ref.text[: end - len(stop)], "stop", stop)
+        assert tokens == ref.token_ids[: len(tokens)]
+        assert stop in engine.tokenizer.decode(tokens)
+        _assert_drained(engine)
+        checked += 1
+    assert checked >= 3
+
+
+def test_async_abort_while_its_step_is_in_flight(tiny_qwen2: Path) -> None:
+    engine = _engine(tiny_qwen2, num_kv_blocks=64)
+    prompt_b = list(range(40, 50))
+    ref_b = engine.generate([prompt_b], SamplingParams(max_tokens=10, ignore_eos=True))[0]
+    engine.add_request("a", list(range(10, 30)), SamplingParams(max_tokens=20, ignore_eos=True))
+    engine.add_request("b", prompt_b, SamplingParams(max_tokens=10, ignore_eos=True))
+    outs: list[Any] = []
+    for _ in range(3):
+        outs.extend(engine.step())
+    in_flight = {rid for pending in engine._in_flight for rid in pending.batch.request_ids}
+    assert "a" in in_flight, "a decode step of a is on the device"
+    engine.abort("a")
+    while engine.has_unfinished():
+        outs.extend(engine.step())
+    a_outs = [o for o in outs if o.request_id == "a"]
+    assert a_outs[-1].finish_reason == "abort" and sum(o.finished for o in a_outs) == 1
+    assert _summary([o for o in outs if o.request_id == "b"])[0] == ref_b.token_ids
+    _assert_drained(engine)

@@ -51,6 +51,10 @@ class ScheduledBatch:
     image_token_indices: list[int] = field(default_factory=list)  # [num_image_rows] token rows
     # Requests gone since the previous batch: stages drop their per-request state (generators).
     finished_request_ids: list[str] = field(default_factory=list)
+    # Async decoding: token rows whose id is still on the device, sampled by the previous batch
+    # (batch_id - 1) at these rows of its samples; `input_token_ids` holds 0 there.
+    deferred_token_rows: list[int] = field(default_factory=list)  # [num_deferred]
+    deferred_sample_rows: list[int] = field(default_factory=list)  # [num_deferred]
 
     @property
     def num_seqs(self) -> int:

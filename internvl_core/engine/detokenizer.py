@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import re
+import weakref
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,16 @@ class TokenDecoder(Protocol):
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]: ...
 
 
+# Every proper prefix of a clean-up pattern: a text tail equal to one may still become a pattern.
+_CLEANUP_PREFIXES = frozenset(p[:size] for p in _CLEANUP_PATTERNS for size in range(1, len(p)))
+_MAX_CLEANUP_PREFIX = max(len(p) for p in _CLEANUP_PATTERNS) - 1
+# Per tokenizer: token id -> whether it is a byte-fallback piece (asked once per id, not per step).
+_BYTE_TOKEN_IDS: weakref.WeakKeyDictionary[Any, dict[int, bool]] = weakref.WeakKeyDictionary()
+
+
 def _common_prefix_len(a: str, b: str) -> int:
+    if b.startswith(a):  # the common case: the window only grew
+        return len(a)
     size = min(len(a), len(b))
     for i in range(size):
         if a[i] != b[i]:
@@ -50,9 +60,8 @@ def _common_prefix_len(a: str, b: str) -> int:
 
 def _unstable_suffix_len(text: str) -> int:
     """Longest tail of `text` that is a proper prefix of a clean-up pattern."""
-    for size in range(min(len(text), max(len(p) for p in _CLEANUP_PATTERNS) - 1), 0, -1):
-        tail = text[-size:]
-        if any(p.startswith(tail) and len(p) > size for p in _CLEANUP_PATTERNS):
+    for size in range(min(len(text), _MAX_CLEANUP_PREFIX), 0, -1):
+        if text[-size:] in _CLEANUP_PREFIXES:
             return size
     return 0
 
@@ -101,6 +110,10 @@ class IncrementalDetokenizer:
         self._text = ""  # returned so far
         self._pending = ""  # decoded, not returned yet: may still change
         self._byte_run_start: int | None = None  # text position where an open byte run began
+        try:
+            self._byte_ids = _BYTE_TOKEN_IDS.setdefault(tokenizer, {})
+        except TypeError:  # a tokenizer without weak references: cache per sequence only
+            self._byte_ids = {}
 
     @property
     def text(self) -> str:
@@ -140,8 +153,12 @@ class IncrementalDetokenizer:
         return self._tokenizer.decode(ids, **self._decode_options)
 
     def _is_byte_token(self, token_id: int) -> bool:
-        token = self._tokenizer.convert_ids_to_tokens([token_id])[0]
-        return token is not None and _BYTE_TOKEN.fullmatch(token) is not None
+        known = self._byte_ids.get(token_id)
+        if known is None:
+            token = self._tokenizer.convert_ids_to_tokens([token_id])[0]
+            known = token is not None and _BYTE_TOKEN.fullmatch(token) is not None
+            self._byte_ids[token_id] = known
+        return known
 
     def _absorb(self, window: str) -> int:
         """Fold the new window decode into the pending text; return the text position from

@@ -1,7 +1,10 @@
 """LLMEngine: requests in (prompt ids, image embeddings, SamplingParams), token/text deltas out.
 
-Each `step()` keeps up to `pp_size` scheduled batches in flight through the Pipeline, collects the
+Each `step()` first plans and submits batches until `max_in_flight` are in the Pipeline (pp_size,
+or 2 at PP=1 with async scheduling: step N+1 is prepared while step N runs), then collects the
 oldest one's sampled tokens, detokenizes them, applies the stop rules and frees finished requests.
+The host reads results one step behind the device; a request that stops at step N may have run one
+more, discarded step.
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ import itertools
 import logging
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -19,6 +21,12 @@ import torch
 from internvl_core.config import EngineConfig, LLMArchitecture, ModelArchitecture, SamplingParams
 from internvl_core.engine.block_manager import BlockManager
 from internvl_core.engine.detokenizer import IncrementalDetokenizer, TokenDecoder
+from internvl_core.engine.output_processor import (
+    OutputProcessor,
+    RequestState,
+    TokenOutput,
+    make_output,
+)
 from internvl_core.engine.outputs import (
     CompletedOutput,
     EngineStats,
@@ -50,14 +58,6 @@ TEMPLATE_STOP_TOKENS = {
 }
 
 
-@dataclass(slots=True)
-class _RequestState:
-    seq: Sequence
-    stop: StopChecker
-    detokenizer: IncrementalDetokenizer | None
-    num_emitted_chars: int = 0
-
-
 class LLMEngine:
     """Continuous-batching engine over a (possibly multi-stage) pipeline; no Ray in here."""
 
@@ -70,8 +70,10 @@ class LLMEngine:
         eos_token_ids: tuple[int, ...],
         image_token_id: int | None,
         model_arch: LLMArchitecture,
+        async_scheduling: bool = True,
     ) -> None:
-        """`tokenizer` None: no text (deltas stay empty) and stop strings are refused."""
+        """`tokenizer` None: no text (deltas stay empty) and stop strings are refused.
+        `async_scheduling` (PP=1): plan step N+1 while step N runs (else one batch at a time)."""
         self.pipeline = pipeline
         self.tokenizer = tokenizer
         self.config = config
@@ -87,8 +89,12 @@ class LLMEngine:
             config.block_size,
             enable_prefix_caching=config.enable_prefix_caching,
         )
-        self.scheduler = Scheduler(config, self.block_manager)
-        self._states: dict[str, _RequestState] = {}
+        pp_size = pipeline.pp_size
+        async_decode = async_scheduling and pp_size == 1
+        self.max_in_flight = 2 if async_decode else pp_size
+        self.scheduler = Scheduler(config, self.block_manager, async_decode=async_decode)
+        self._states: dict[str, RequestState] = {}
+        self.output_processor = OutputProcessor(self._states, self.scheduler.finish)
         self._in_flight: deque[PendingBatch] = deque()
         self._aborted_outputs: list[RequestOutput] = []
         self._ids = itertools.count()
@@ -111,6 +117,7 @@ class LLMEngine:
         eos_token_ids: tuple[int, ...] | None = None,
         stage_factory: Callable[[int, int, int], StageWorker] | None = None,
         keep_special_tokens: tuple[str, ...] = (),
+        async_scheduling: bool = True,
     ) -> LLMEngine:
         """Build `config.pp_size` stages (layers split evenly) from an original folder.
 
@@ -142,6 +149,7 @@ class LLMEngine:
             eos_token_ids=eos_token_ids,
             image_token_id=tokenizer.token_to_id(IMG_CONTEXT_TOKEN),
             model_arch=arch.llm,
+            async_scheduling=async_scheduling,
         )
 
     # ---- requests -------------------------------------------------------------------------
@@ -222,7 +230,7 @@ class LLMEngine:
                 spaces_between_special_tokens=params.spaces_between_special_tokens,
             )
         stop = StopChecker(params, eos_token_ids=self.eos_token_ids)
-        self._states[request_id] = _RequestState(seq, stop, detokenizer)
+        self._states[request_id] = RequestState(seq, stop, detokenizer)
         self.scheduler.add(seq)
 
     def _hash_salt(self, request: Request) -> str:
@@ -246,70 +254,42 @@ class LLMEngine:
             return
         seq = state.seq
         self.scheduler.finish(seq, status)
-        self._aborted_outputs.append(_make_output(state, [], "", None, reason=status.value))
+        self._aborted_outputs.append(make_output(state, [], "", None, reason=status.value))
 
     def has_unfinished(self) -> bool:
         return bool(self._states or self._aborted_outputs or self._in_flight)
 
     # ---- the loop -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule until `pp_size` batches are in flight, then finish the oldest one."""
+        """One step of the loop, then the output side on its tokens (text, stop strings)."""
         outputs, self._aborted_outputs = self._aborted_outputs, []
-        while len(self._in_flight) < self.pipeline.pp_size:
+        outputs.extend(self.output_processor.process(self.step_tokens()))
+        return outputs
+
+    def step_tokens(self) -> list[TokenOutput]:
+        """The step loop without the output side: plan and submit until `max_in_flight` batches
+        are in flight, then read back the oldest; requests ending by a stop id or length are
+        freed here. Aborted requests' outputs wait for `step`."""
+        while len(self._in_flight) < self.max_in_flight:
             batch = self.scheduler.schedule()
             if batch is None:
                 break
             self._in_flight.append(self.pipeline.submit(batch))
-        if self._in_flight:
-            pending = self._in_flight.popleft()
-            sampled = self.pipeline.fetch(pending)
-            outputs.extend(self._process(pending, sampled))
-        return outputs
-
-    def _process(self, pending: PendingBatch, sampled: SamplerOutput) -> list[RequestOutput]:
-        rows = {req.request_id: i for i, req in enumerate(pending.batch.sampling)}
-        outputs: list[RequestOutput] = []
-        for seq in self.scheduler.update(pending.batch.batch_id, sampled.token_ids):
-            state = self._states[seq.request_id]
-            row = rows[seq.request_id]
-            token = seq.token_ids[-1]
-            params = seq.request.params
-            logprobs = [sampled.logprobs[row]] if params.logprobs and sampled.logprobs else None
-            top = None
-            if params.top_logprobs and sampled.top_logprobs is not None:
-                top = [sampled.top_logprobs[row]]
-            outputs.append(self._advance(state, token, logprobs, top))
-        return outputs
-
-    def _advance(
-        self,
-        state: _RequestState,
-        token: int,
-        logprobs: list[float] | None,
-        top: list[list[tuple[int, float]]] | None,
-    ) -> RequestOutput:
-        """Detokenize one new token, apply stop rules, emit the safe text delta."""
-        seq, detok = state.seq, state.detokenizer
-        if detok is not None:
-            detok.append(token)
-        text = detok.text if detok is not None else ""
-        decision = state.stop.check(seq.output_token_ids, text)
-        if decision is None:
-            visible = state.stop.safe_text_len(text) if detok is not None else 0
-            delta = text[state.num_emitted_chars : visible]
-            state.num_emitted_chars = max(state.num_emitted_chars, visible)
-            return _make_output(state, [token], delta, (logprobs, top))
-        if detok is not None and decision.truncate_text_to is None:
-            detok.flush()  # the sequence ends: release a held incomplete character
-            text = detok.text
-        end = decision.truncate_text_to if decision.truncate_text_to is not None else len(text)
-        delta = text[state.num_emitted_chars : end]
-        self.scheduler.finish(seq, SequenceStatus.from_finish_reason(decision.finish_reason))
-        del self._states[seq.request_id]
-        return _make_output(
-            state, [token], delta, (logprobs, top), reason=decision.finish_reason,
-            stop_reason=decision.stop_reason,
-        )  # fmt: skip
+        if not self._in_flight:
+            return []
+        pending = self._in_flight.popleft()
+        sampled = self.pipeline.fetch(pending)
+        grown = self.scheduler.update(pending.batch.batch_id, sampled.token_ids)
+        states, finish = self._states, self.scheduler.finish
+        items = [TokenOutput(states[seq.request_id], seq.token_ids[-1]) for seq in grown]
+        for item in items:
+            seq = item.state.seq
+            status = item.state.stop.token_status(seq.output_token_ids)
+            if status is not None:
+                finish(seq, status)
+        if sampled.logprobs is not None or sampled.top_logprobs is not None:
+            _attach_logprobs(items, pending, sampled)
+        return items
 
     # ---- offline convenience ----------------------------------------------------------------
     def generate(
@@ -342,6 +322,8 @@ class LLMEngine:
                     collector.add(out)
                     if out.finished:
                         pending.discard(out.request_id)
+        while self._in_flight and not self._states:  # a finished request's run-ahead step
+            self.step()
         return [results[rid].complete(rid) for rid in ids]
 
     @property
@@ -361,34 +343,14 @@ class LLMEngine:
         )
 
 
-_Logprobs = tuple[list[float] | None, list[list[tuple[int, float]]] | None]
-
-
-def _make_output(
-    state: _RequestState,
-    token_ids: list[int],
-    delta: str,
-    logprobs: _Logprobs | None,
-    *,
-    reason: str | None = None,
-    stop_reason: int | str | None = None,
-) -> RequestOutput:
-    seq = state.seq
-    return RequestOutput(
-        request_id=seq.request_id,
-        text_delta=delta,
-        token_ids=token_ids,
-        logprobs=logprobs[0] if logprobs else None,
-        top_logprobs=logprobs[1] if logprobs else None,
-        finished=reason is not None,
-        finish_reason=reason,
-        num_prompt_tokens=seq.num_prompt_tokens,
-        num_output_tokens=seq.num_output_tokens,
-        num_cached_tokens=seq.num_cached_tokens,
-        stop_reason=stop_reason,
-        queue_time_s=(
-            None
-            if seq.first_scheduled_time is None
-            else seq.first_scheduled_time - seq.request.arrival_time
-        ),
-    )
+def _attach_logprobs(
+    items: list[TokenOutput], pending: PendingBatch, sampled: SamplerOutput
+) -> None:
+    rows = {req.request_id: i for i, req in enumerate(pending.batch.sampling)}
+    for item in items:
+        row = rows[item.state.seq.request_id]
+        params = item.state.seq.request.params
+        if params.logprobs and sampled.logprobs:
+            item.logprobs = [sampled.logprobs[row]]
+        if params.top_logprobs and sampled.top_logprobs is not None:
+            item.top_logprobs = [sampled.top_logprobs[row]]

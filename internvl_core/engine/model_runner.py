@@ -50,6 +50,8 @@ class ModelRunner:
         vocab_size = model.arch.vocab_size
         self.structured = structured or StructuredOutputs(None, vocab_size=vocab_size)
         self._generators: dict[str, torch.Generator | None] = {}
+        # (batch id, [num_samples] sampled ids on the device): feeds the next batch's placeholders.
+        self._last_sampled: tuple[int, torch.Tensor] | None = None
         scaling = model.arch.rope_scaling
         self._long_rope_threshold: int | None = None
         if scaling is not None and scaling.type == "longrope":
@@ -130,6 +132,8 @@ class ModelRunner:
             self._generators.pop(request_id, None)
         self.structured.free(batch.finished_request_ids)  # structured outputs: drop matchers
         inputs = self.prepare_input(batch)
+        if batch.deferred_token_rows:
+            self._fill_deferred(batch, inputs)
         if model.is_first_stage:
             hidden = self._embed(batch, inputs)  # [T, D]
         else:
@@ -139,6 +143,16 @@ class ModelRunner:
         if not model.is_last_stage:
             return StageOutput(batch.batch_id, hidden_states=hidden)
         return StageOutput(batch.batch_id, sampled=self._sample(batch, hidden, inputs))
+
+    def _fill_deferred(self, batch: ScheduledBatch, inputs: ModelInput) -> None:
+        """Placeholder tokens take the previous batch's sampled ids, without leaving the device."""
+        last = self._last_sampled
+        assert self.model.is_first_stage and self.model.is_last_stage, "async decode is PP=1"
+        assert last is not None and last[0] == batch.batch_id - 1, "samples of the batch before"
+        device = self.device
+        rows = torch.tensor(batch.deferred_token_rows, dtype=torch.long, device=device)  # [P]
+        sources = torch.tensor(batch.deferred_sample_rows, dtype=torch.long, device=device)  # [P]
+        inputs.input_ids[rows] = last[1][sources]
 
     def _embed(self, batch: ScheduledBatch, inputs: ModelInput) -> torch.Tensor:
         hidden = self.model.embed_tokens(inputs.input_ids)  # [T, D]
@@ -155,6 +169,7 @@ class ModelRunner:
     ) -> SamplerOutput:
         assert self.sampler is not None
         if not batch.sampling:
+            self._last_sampled = None
             return SamplerOutput(token_ids=[])
         logits = self.model.compute_logits(hidden[inputs.sample_indices])  # [num_samples, V]
         generators = []
@@ -170,8 +185,10 @@ class ModelRunner:
             stop_token_ids=[r.eos_token_ids for r in batch.sampling],
         )
         # Structured outputs: grammar rows masked in place before sampling (others untouched),
-        # then each matcher takes its row's token.
+        # then each matcher takes its row's token (before the next batch is prepared, so a
+        # run-ahead step samples under the updated grammar).
         self.structured.apply_constraints(logits, batch.sampling)
-        sampled = self.sampler(logits, sampling)
-        self.structured.advance(batch.sampling, sampled.token_ids)
-        return sampled
+        output = self.sampler(logits, sampling)
+        self.structured.advance(batch.sampling, output.token_ids)
+        self._last_sampled = (batch.batch_id, self.sampler.last_token_ids)
+        return output

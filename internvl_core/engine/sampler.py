@@ -67,6 +67,8 @@ class Sampler:
         """`seed` seeds the shared generator used by rows without their own (reproducible tests)."""
         self._seed = seed
         self._shared: dict[torch.device, torch.Generator] = {}
+        # [N] int64 on the logits' device: the latest call's ids (async decode feeds them on).
+        self.last_token_ids = torch.empty(0, dtype=torch.long)
 
     def __call__(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
         """Sample one token per row of `logits` [N, V] (float32); `logits` is not modified."""
@@ -83,6 +85,7 @@ class Sampler:
             chosen = processed.argmax(dim=-1)  # [N]
         else:
             chosen = self._sample(processed, batch)  # [N]
+        self.last_token_ids = chosen
         token_ids: list[int] = chosen.tolist()
         if raw_logprobs is None:
             return SamplerOutput(token_ids=token_ids)

@@ -3,6 +3,11 @@
 FCFS: running sequences first (decodes and unfinished prefill chunks, oldest first), then new
 admissions while the token budget, `max_num_seqs` and free KV blocks allow. When blocks run out the
 newest running sequence is preempted by recompute (blocks freed, back to the front of the queue).
+
+With `async_decode` a sequence whose sample is still in flight is planned again at once: its next
+token is a placeholder the stage fills from the previous batch's sampled ids on the device (vLLM
+V1's async scheduling). With `pp_size` > 1 each batch takes its share of the runnable tokens, so
+the `pp_size` micro-batches in flight stay near-equal.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from internvl_core.config import EngineConfig
+from internvl_core.config import EngineConfig, SamplingParams
 from internvl_core.engine.batch import SamplingRequest, ScheduledBatch
 from internvl_core.engine.block_manager import BlockManager
 from internvl_core.engine.sequence import Sequence, SequenceStatus
@@ -32,8 +37,13 @@ class _Scheduled:
 class Scheduler:
     """Plans every step; the only producer of ScheduledBatch and the owner of block tables."""
 
-    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+    def __init__(
+        self, config: EngineConfig, block_manager: BlockManager, *, async_decode: bool = False
+    ) -> None:
+        """`async_decode`: plan sequences again while their sample is in flight (stage 0 must be
+        the sampling stage, i.e. pp_size 1, to fill the placeholder tokens)."""
         self.config = config
+        self.async_decode = async_decode
         self.block_manager = block_manager
         self.block_size = block_manager.block_size
         self.waiting: deque[Sequence] = deque()
@@ -44,6 +54,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.last_preempted: list[str] = []  # request ids preempted by the latest schedule()
         self._busy = False
+        self._sampling_requests: dict[str, SamplingRequest] = {}
 
     # ---- queues ---------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -81,13 +92,14 @@ class Scheduler:
         self.block_manager.free(seq.block_table)
         seq.block_table = []
         seq.status = status
+        self._sampling_requests.pop(seq.request_id, None)
         self._finished_ids.append(seq.request_id)
 
     # ---- planning -------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch | None:
         """Plan the next step, or None if nothing can run now (all in flight or no work)."""
         self.last_preempted = []
-        budget = self.config.max_num_batched_tokens
+        budget = self._token_budget()
         plan: list[_Scheduled] = []
         # Sequences still in flight from earlier batches (not the ones planned in this call).
         self._busy = any(seq.in_flight for seq in self.running)
@@ -100,16 +112,50 @@ class Scheduler:
         self._in_flight[batch.batch_id] = plan
         return batch
 
+    def _token_budget(self) -> int:
+        """This batch's share of the runnable tokens when several micro-batches are in flight."""
+        budget = self.config.max_num_batched_tokens
+        num_slots = self.config.pp_size - len(self._in_flight)
+        if num_slots <= 1:
+            return budget
+        runnable = sum(
+            seq.num_tokens - seq.num_computed_tokens for seq in self.running if not seq.in_flight
+        )
+        runnable += sum(seq.num_tokens for seq in self.waiting)
+        return max(1, min(budget, -(-runnable // num_slots)))
+
+    def _num_new_tokens(self, seq: Sequence) -> int:
+        """Tokens `seq` can run now: 0 while in flight, unless async decoding allows a plain
+        next step (known tokens or the one in-flight sample as placeholder)."""
+        if not seq.in_flight:
+            return seq.num_tokens - seq.num_computed_tokens
+        if not self.async_decode or seq.num_in_flight > 1:
+            return 0
+        if seq.num_pending_samples:
+            params = seq.request.params
+            if seq.num_output_tokens + 1 >= params.max_tokens:
+                return 0  # the in-flight sample is its last: no speculative step
+            if _reads_history(params) or params.min_tokens > seq.num_output_tokens:
+                return 0  # the sampler would see a history without the in-flight token
+            return 1
+        return seq.num_tokens - seq.num_scheduled_tokens
+
     def _schedule_running(self, plan: list[_Scheduled], budget: int) -> int:
         i = 0
+        manager = self.block_manager
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if seq.in_flight:
+            num_new = min(self._num_new_tokens(seq), budget)
+            if num_new <= 0:
                 i += 1
                 continue
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            need = self.block_manager.num_blocks_for(seq.num_computed_tokens + num_new)
+            need = manager.num_blocks_for(seq.num_scheduled_tokens + num_new)
             need -= len(seq.block_table)
+            if need <= 0:  # the common decode step: room left in its last block
+                plan.append(self._plan(seq, num_new))
+                budget -= num_new
+                i += 1
+                continue
             while not self.block_manager.can_allocate(need):
                 victim = self._pick_victim(after=i)
                 if victim is None:
@@ -175,17 +221,38 @@ class Scheduler:
             budget -= num_new
 
     def _plan(self, seq: Sequence, num_new: int) -> _Scheduled:
-        seq.in_flight = True
-        return _Scheduled(seq, num_new, seq.num_computed_tokens + num_new == seq.num_tokens)
+        end = seq.num_scheduled_tokens + num_new
+        sample = end == seq.num_tokens + seq.num_pending_samples
+        seq.num_in_flight += 1
+        seq.num_in_flight_tokens += num_new
+        return _Scheduled(seq, num_new, sample)
 
     def _build_batch(self, plan: list[_Scheduled]) -> ScheduledBatch:
+        batch_id = self._next_batch_id
         input_ids: list[int] = []
         image_indices: list[int] = []
         image_parts: list[torch.Tensor] = []
         sampling: list[SamplingRequest] = []
+        deferred_rows: list[int] = []
+        deferred_sources: list[int] = []
+        context_lens: list[int] = []
         for item in plan:
-            seq, start = item.seq, item.seq.num_computed_tokens
-            end = start + item.num_new_tokens
+            seq = item.seq
+            end = seq.num_scheduled_tokens  # _plan counted this item already
+            start = end - item.num_new_tokens
+            context_lens.append(start)
+            if seq.num_pending_samples and end > seq.num_tokens:
+                # The token at `start` is the in-flight sample: the stage fills it on the device.
+                source_batch, source_row = seq.pending_sample
+                assert item.num_new_tokens == 1 and source_batch == batch_id - 1
+                deferred_rows.append(len(input_ids))
+                deferred_sources.append(source_row)
+                input_ids.append(0)
+                if item.sample:
+                    seq.num_pending_samples += 1
+                    seq.pending_sample = (batch_id, len(sampling))
+                    sampling.append(self._sampling_request(seq))
+                continue
             if seq.request.image_runs:
                 positions, rows = seq.image_rows(start, end)
                 if rows:
@@ -194,23 +261,30 @@ class Scheduler:
                     embeds = seq.request.image_embeds
                     assert embeds is not None
                     image_parts.append(embeds[rows[0] : rows[-1] + 1])  # [rows, D]
-            input_ids.extend(seq.token_ids[start:end])
+            if item.num_new_tokens == 1:
+                input_ids.append(seq.token_ids[start])
+            else:
+                input_ids.extend(seq.token_ids[start:end])
             if item.sample:
-                sampling.append(_sampling_request(seq))
+                seq.num_pending_samples += 1
+                seq.pending_sample = (batch_id, len(sampling))
+                sampling.append(self._sampling_request(seq))
         batch = ScheduledBatch(
-            batch_id=self._next_batch_id,
+            batch_id=batch_id,
             request_ids=[p.seq.request_id for p in plan],
             input_token_ids=input_ids,
             query_lens=[p.num_new_tokens for p in plan],
-            context_lens=[p.seq.num_computed_tokens for p in plan],
+            context_lens=context_lens,
             prompt_lens=[p.seq.num_prompt_tokens for p in plan],
-            block_tables=[list(p.seq.block_table) for p in plan],
+            block_tables=[p.seq.block_table.copy() for p in plan],
             sample_flags=[p.sample for p in plan],
             sampling=sampling,
             block_size=self.block_size,
             image_embeds=torch.cat(image_parts) if image_parts else None,  # [num_rows, D]
             image_token_indices=image_indices,
             finished_request_ids=self._finished_ids,
+            deferred_token_rows=deferred_rows,
+            deferred_sample_rows=deferred_sources,
         )
         self._finished_ids = []
         self._next_batch_id += 1
@@ -229,9 +303,12 @@ class Scheduler:
         tokens = iter(sampled_token_ids)
         for item in plan:
             seq = item.seq
-            seq.in_flight = False
+            seq.num_in_flight -= 1
+            seq.num_in_flight_tokens -= item.num_new_tokens
             token = next(tokens) if item.sample else None
             assert not item.sample or token is not None, "fewer sampled tokens than samples"
+            if item.sample:
+                seq.num_pending_samples -= 1
             if seq.status.is_finished:
                 continue
             old_full = seq.num_computed_tokens // self.block_size
@@ -246,16 +323,29 @@ class Scheduler:
                 grown.append(seq)
         return grown
 
+    def _sampling_request(self, seq: Sequence) -> SamplingRequest:
+        """Built once per request: it holds the sequence's own (growing) output list."""
+        request = self._sampling_requests.get(seq.request_id)
+        if request is None:
+            request = _sampling_request(seq)
+            self._sampling_requests[seq.request_id] = request
+        return request
+
+
+def _reads_history(params: SamplingParams) -> bool:
+    """Whether the sampler reads the token ids (penalties)."""
+    return (
+        params.repetition_penalty != 1.0
+        or params.presence_penalty != 0.0
+        or params.frequency_penalty != 0.0
+    )
+
 
 def _sampling_request(seq: Sequence) -> SamplingRequest:
     params = seq.request.params
     # Token histories only travel when the sampler reads them (they can be long): penalties
     # read the ids, min_tokens only the output count.
-    penalised = (
-        params.repetition_penalty != 1.0
-        or params.presence_penalty != 0.0
-        or params.frequency_penalty != 0.0
-    )
+    penalised = _reads_history(params)
     # min_tokens: the sampler counts outputs from this list, so it must stay whole once used.
     outputs = penalised or params.min_tokens > 0
     return SamplingRequest(

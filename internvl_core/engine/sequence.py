@@ -184,9 +184,15 @@ class Sequence:
     block_hashes: list[BlockHash] = field(default_factory=list)  # of full blocks, chained
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first admission
     num_preemptions: int = 0
-    in_flight: bool = False  # scheduled in a batch whose result has not come back
     admitted: bool = False
     first_scheduled_time: float | None = None  # monotonic; arrival to here is the queue time
+    # Batches holding this sequence whose results have not come back, the new tokens they carry
+    # and the tokens they will sample (known on the device only until the host reads them).
+    num_in_flight: int = 0
+    num_in_flight_tokens: int = 0
+    num_pending_samples: int = 0
+    # Where the newest in-flight sample sits: (batch id, row among that batch's samples).
+    pending_sample: tuple[int, int] = (-1, -1)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -207,6 +213,16 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def in_flight(self) -> bool:
+        """Scheduled in a batch whose result has not come back."""
+        return self.num_in_flight > 0
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """Tokens whose K/V are computed or being computed by in-flight batches."""
+        return self.num_computed_tokens + self.num_in_flight_tokens
 
     @property
     def is_prefilling(self) -> bool:

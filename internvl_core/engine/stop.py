@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from internvl_core.config import SamplingParams
+from internvl_core.engine.sequence import SequenceStatus
 
 FinishReason = Literal["stop", "length"]
 
@@ -34,6 +35,16 @@ class StopChecker:
         self._stop_ids = frozenset((*params.stop_token_ids, *eos))
         self._stop_strings = tuple(s for s in params.stop if s)
         self._checked_len = 0  # text length seen by the previous `check`
+
+    def token_status(self, output_token_ids: list[int]) -> SequenceStatus | None:
+        """The step loop's part of `check`: a stop id or max_tokens ends the request (stop
+        strings are the output side's); `check` still decides the reason and text."""
+        num_outputs = len(output_token_ids)
+        if num_outputs > self._params.min_tokens and output_token_ids[-1] in self._stop_ids:
+            return SequenceStatus.FINISHED_STOPPED
+        if num_outputs >= self._params.max_tokens:
+            return SequenceStatus.FINISHED_LENGTH
+        return None
 
     def check(self, output_token_ids: list[int], text: str) -> StopDecision | None:
         """Decide after the newest token. `text` is the sequence's detokenized text so far; only

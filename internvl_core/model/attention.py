@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -61,23 +60,46 @@ GROUP_COST_ROWS = {"cpu": 256, "cuda": 32768}
 
 def group_by_length(lens: list[int], group_cost: int) -> list[list[int]]:
     """Partition sequence indices into groups of similar `lens`, minimising
-    sum(group_cost + len(group) * max(group lens)) over partitions of the length-sorted order
-    (an exact O(n^2) dynamic programme, vectorised per end point). Groups come longest first."""
-    order = np.argsort(np.asarray(lens), kind="stable")
-    sorted_lens = np.asarray(lens, dtype=np.int64)[order]  # ascending
-    n = len(lens)
-    best = np.zeros(n + 1, dtype=np.int64)  # best[j]: cost of the first j sorted sequences
-    cut = np.zeros(n + 1, dtype=np.int64)
-    starts = np.arange(n, dtype=np.int64)
-    for end in range(1, n + 1):
-        costs = best[:end] + group_cost + (end - starts[:end]) * sorted_lens[end - 1]
-        cut[end] = int(np.argmin(costs))
-        best[end] = costs[cut[end]]
+    sum(group_cost + len(group) * max(group lens)) over partitions of the length-sorted order.
+    Groups come longest first, members in batch order.
+
+    Exact: best[e] = min_j best[j] + group_cost + (e - j) * lens[e - 1] is a minimum over lines
+    of slope -j evaluated at non-decreasing x = lens[e - 1], so a monotone convex hull of those
+    lines answers each end point in amortised O(1) (the convex hull trick), O(n log n) in all.
+    Ties keep the earlier start (larger groups), as an argmin over starts would.
+    """
+    # follows https://cp-algorithms.com/geometry/convex_hull_trick.html
+    num = len(lens)
+    order = sorted(range(num), key=lens.__getitem__)  # stable, ascending length
+    sorted_lens = [lens[i] for i in order]
+    if not num or num * sorted_lens[-1] - sum(sorted_lens) <= group_cost:
+        return [list(range(num))] if num else []  # padding costs less than a second group
+    best = [0] * (num + 1)  # best[j]: cost of the first j sorted sequences
+    cut = [0] * (num + 1)
+    slopes: list[int] = []  # hull lines y = intercepts[i] + slopes[i] * x, slopes decreasing
+    intercepts: list[int] = []
+    starts: list[int] = []
+    ptr = 0
+    for end in range(1, num + 1):
+        slope, intercept = -(end - 1), best[end - 1]
+        while len(slopes) >= 2 and (intercept - intercepts[-2]) * (slopes[-2] - slopes[-1]) < (
+            intercepts[-1] - intercepts[-2]
+        ) * (slopes[-2] - slope):
+            slopes.pop(), intercepts.pop(), starts.pop()
+        slopes.append(slope), intercepts.append(intercept), starts.append(end - 1)
+        ptr = min(ptr, len(slopes) - 1)
+        x = sorted_lens[end - 1]
+        while ptr + 1 < len(slopes) and (
+            intercepts[ptr + 1] + slopes[ptr + 1] * x < intercepts[ptr] + slopes[ptr] * x
+        ):
+            ptr += 1
+        cut[end] = starts[ptr]
+        best[end] = intercepts[ptr] + slopes[ptr] * x + group_cost + end * x
     groups: list[list[int]] = []
-    end = n
+    end = num
     while end > 0:
-        groups.append(sorted(order[cut[end] : end].tolist()))  # rows in batch order
-        end = int(cut[end])
+        groups.append(sorted(order[cut[end] : end]))  # rows in batch order
+        end = cut[end]
     return groups
 
 

@@ -1,0 +1,114 @@
+"""The output side of the engine: new token ids -> detokenized, stop-checked RequestOutputs.
+
+The step loop only appends token ids and frees requests that end by a stop id or by length (a
+token-level check); the text (incremental detokenization) and stop strings are handled here, after
+the next step has been submitted, so they overlap the device. A stop string found here ends its
+request through `finish` (as vLLM V1's output processor aborts the request in the engine core).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from internvl_core.engine.detokenizer import IncrementalDetokenizer
+from internvl_core.engine.outputs import RequestOutput
+from internvl_core.engine.sequence import Sequence, SequenceStatus
+from internvl_core.engine.stop import StopChecker
+
+_Logprobs = tuple[list[float] | None, list[list[tuple[int, float]]] | None]
+
+
+@dataclass(slots=True)
+class RequestState:
+    """What the output side keeps per live request."""
+
+    seq: Sequence
+    stop: StopChecker
+    detokenizer: IncrementalDetokenizer | None
+    num_emitted_chars: int = 0
+
+
+@dataclass(slots=True)
+class TokenOutput:
+    """One request's new token from the step loop (read back one step behind the device)."""
+
+    state: RequestState
+    token: int
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+class OutputProcessor:
+    """Turns TokenOutputs into RequestOutputs; drops finished requests from `states`."""
+
+    def __init__(
+        self,
+        states: dict[str, RequestState],
+        finish: Callable[[Sequence, SequenceStatus], None],
+    ) -> None:
+        """`states` is shared with the engine; `finish(seq, status)` frees a request's blocks."""
+        self.states = states
+        self._finish = finish
+
+    def process(self, items: list[TokenOutput]) -> list[RequestOutput]:
+        return [self._advance(item) for item in items]
+
+    def _advance(self, item: TokenOutput) -> RequestOutput:
+        """Detokenize one new token, apply stop rules, emit the safe text delta."""
+        state, token = item.state, item.token
+        logprobs: _Logprobs | None = None
+        if item.logprobs is not None or item.top_logprobs is not None:
+            logprobs = (item.logprobs, item.top_logprobs)
+        seq, detok = state.seq, state.detokenizer
+        if detok is not None:
+            detok.append(token)
+        text = detok.text if detok is not None else ""
+        decision = state.stop.check(seq.output_token_ids, text)
+        if decision is None:
+            visible = state.stop.safe_text_len(text) if detok is not None else 0
+            delta = text[state.num_emitted_chars : visible]
+            state.num_emitted_chars = max(state.num_emitted_chars, visible)
+            return make_output(state, [token], delta, logprobs)
+        if detok is not None and decision.truncate_text_to is None:
+            detok.flush()  # the sequence ends: release a held incomplete character
+            text = detok.text
+        end = decision.truncate_text_to if decision.truncate_text_to is not None else len(text)
+        delta = text[state.num_emitted_chars : end]
+        # Already finished by the step loop unless a stop string ended it here.
+        self._finish(seq, SequenceStatus.from_finish_reason(decision.finish_reason))
+        self.states.pop(seq.request_id, None)
+        return make_output(
+            state, [token], delta, logprobs, reason=decision.finish_reason,
+            stop_reason=decision.stop_reason,
+        )  # fmt: skip
+
+
+def make_output(
+    state: RequestState,
+    token_ids: list[int],
+    delta: str,
+    logprobs: _Logprobs | None,
+    *,
+    reason: str | None = None,
+    stop_reason: int | str | None = None,
+) -> RequestOutput:
+    seq = state.seq
+    return RequestOutput(
+        request_id=seq.request_id,
+        text_delta=delta,
+        token_ids=token_ids,
+        logprobs=logprobs[0] if logprobs else None,
+        top_logprobs=logprobs[1] if logprobs else None,
+        finished=reason is not None,
+        finish_reason=reason,
+        num_prompt_tokens=seq.num_prompt_tokens,
+        num_output_tokens=seq.num_output_tokens,
+        num_cached_tokens=seq.num_cached_tokens,
+        stop_reason=stop_reason,
+        queue_time_s=(
+            None
+            if seq.first_scheduled_time is None
+            else seq.first_scheduled_time - seq.request.arrival_time
+        ),
+    )

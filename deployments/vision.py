@@ -22,6 +22,7 @@ from deployments.embedding_cache import EmbeddingCache
 from deployments.events import EmbeddingPayload, EncodedRequest
 from deployments.metrics import VisionMetrics
 from deployments.single_flight import SingleFlight
+from internvl_core.gather import gather_or_cancel
 from internvl_core.preprocess.request import PreparedRequest
 from internvl_core.serve_args import ServeArgs
 from internvl_core.vision import VisionEncoder
@@ -40,18 +41,6 @@ def split_tiles(tiles: np.ndarray, max_tiles: int) -> list[np.ndarray]:
     if max_tiles < 1:
         raise ValueError(f"max_tiles is {max_tiles}; must be at least 1")
     return [tiles[start : start + max_tiles] for start in range(0, tiles.shape[0], max_tiles)]
-
-
-async def _gather_or_cancel(awaitables: list[Awaitable[torch.Tensor]]) -> list[torch.Tensor]:
-    """gather(), but the first failure cancels the rest instead of leaving them queued."""
-    tasks = [asyncio.ensure_future(item) for item in awaitables]
-    try:
-        return await asyncio.gather(*tasks)
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
 
 
 class VisionDeployment:
@@ -91,7 +80,7 @@ class VisionDeployment:
                 todo.setdefault(image.content_hash, image.tiles)  # uint8 [T, S, S, 3]
         if todo:
             self.metrics.cache_misses.inc(len(todo))
-            outputs = await _gather_or_cancel(
+            outputs = await gather_or_cancel(
                 [self.inflight.run(key, self._encoder_of(key, px)) for key, px in todo.items()]
             )
             found.update(zip(todo, outputs, strict=True))
@@ -106,7 +95,7 @@ class VisionDeployment:
         """All tiles of one image as batch items of at most max_batch_tiles, rows reassembled in
         tile order and cached: [T * num_image_token, D_llm]."""
         chunks = split_tiles(tiles, self.config.max_batch_tiles)
-        parts = await _gather_or_cancel([self._encode_counted(chunk) for chunk in chunks])
+        parts = await gather_or_cancel([self._encode_counted(chunk) for chunk in chunks])
         rows = parts[0] if len(parts) == 1 else torch.cat(parts)  # [T * tokens, D]
         self.cache.put(key, rows)
         return rows

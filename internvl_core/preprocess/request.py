@@ -12,9 +12,7 @@ import hashlib
 import io
 import logging
 import math
-from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -27,6 +25,7 @@ from internvl_core.errors import (
     MediaError,
     PayloadTooLargeError,
 )
+from internvl_core.gather import gather_or_cancel
 from internvl_core.grammar import check_structured_output
 from internvl_core.preprocess.conversation import MediaItem, plan_conversation
 from internvl_core.preprocess.image import (
@@ -92,21 +91,6 @@ class PreparedRequest:
         return sum(image.num_tiles for image in self.images)
 
 
-async def _gather_or_cancel(
-    coros: list[Coroutine[Any, Any, list[PreparedImage]]],
-) -> list[list[PreparedImage]]:
-    """gather(), but the first failure cancels the other media loads instead of leaving them
-    running (fetching, holding connections) after the request was already refused."""
-    tasks = [asyncio.ensure_future(coro) for coro in coros]
-    try:
-        return await asyncio.gather(*tasks)
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
-
-
 def content_hash(data: bytes | np.ndarray) -> str:
     """Stable content hash (embedding cache and prefix-cache keys)."""
     raw = data if isinstance(data, bytes) else np.ascontiguousarray(data).tobytes()
@@ -140,7 +124,7 @@ class RequestPreparer:
         check_structured_output(request.sampling(self.default_sampling))
         plan = plan_conversation(request.messages, max_dynamic_patch=request.max_dynamic_patch)
         self._check_media(plan.media)
-        groups = await _gather_or_cancel([self._load_media(item) for item in plan.media])
+        groups = await gather_or_cancel([self._load_media(item) for item in plan.media])
         images = [image for group in groups for image in group]
         num_tiles = sum(image.num_tiles for image in images)
         if num_tiles > self.limits.max_tiles_per_request:

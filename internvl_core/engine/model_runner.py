@@ -8,7 +8,9 @@ samples.
 from __future__ import annotations
 
 import logging
+from itertools import chain
 
+import numpy as np
 import torch
 
 from internvl_core.config import EngineConfig
@@ -91,10 +93,8 @@ class ModelRunner:
             seq_index = torch.repeat_interleave(torch.arange(num_seqs), query_lens)  # [T]
             rows = torch.arange(batch.num_tokens)  # [T]
             positions = rows - (ends - query_lens)[seq_index] + context[seq_index]  # [T]
-        width = max(len(t) for t in batch.block_tables)
-        tables = torch.tensor(
-            [t + [0] * (width - len(t)) for t in batch.block_tables], dtype=torch.long
-        )  # [S, max_num_blocks]
+        host_tables = _pad_block_tables(batch.block_tables)  # [S, max_num_blocks]
+        tables = torch.from_numpy(host_tables)  # [S, max_num_blocks]
         blocks = tables[seq_index, positions // block_size]  # [T]
         slots = blocks * block_size + positions % block_size  # [T]
         long_mask = None
@@ -111,9 +111,10 @@ class ModelRunner:
             slot_mapping=slots.to(device),
             block_tables=tables.to(device),
             query_lens=batch.query_lens,
-            seq_lens=[c + q for c, q in zip(batch.context_lens, batch.query_lens, strict=True)],
+            seq_lens=(context + query_lens).tolist(),
             block_size=block_size,
             long_rope_mask=long_mask,
+            host_block_tables=host_tables,
         )
         input_ids = torch.tensor(batch.input_token_ids, dtype=torch.long, device=device)  # [T]
         return ModelInput(
@@ -192,3 +193,12 @@ class ModelRunner:
         self.structured.advance(batch.sampling, output.token_ids)
         self._last_sampled = (batch.batch_id, self.sampler.last_token_ids)
         return output
+
+
+def _pad_block_tables(tables: list[list[int]]) -> np.ndarray:
+    """Block tables of unequal lengths -> [S, max_num_blocks] int64, padded with 0."""
+    lens = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))  # [S]
+    out = np.zeros((len(tables), max(int(lens.max()), 1)), dtype=np.int64)  # [S, max_num_blocks]
+    flat = np.fromiter(chain.from_iterable(tables), dtype=np.int64, count=int(lens.sum()))
+    out[np.arange(out.shape[1])[None, :] < lens[:, None]] = flat  # row-major fill
+    return out

@@ -281,10 +281,11 @@ class LLMEngine:
         sampled = self.pipeline.fetch(pending)
         grown = self.scheduler.update(pending.batch.batch_id, sampled.token_ids)
         states, finish = self._states, self.scheduler.finish
-        items = [TokenOutput(states[seq.request_id], seq.token_ids[-1]) for seq in grown]
-        for item in items:
-            seq = item.state.seq
-            status = item.state.stop.token_status(seq.output_token_ids)
+        items: list[TokenOutput] = []
+        for seq in grown:  # hot: one pass, plain fields
+            state = states[seq.request.request_id]
+            items.append(TokenOutput(state, seq.token_ids[-1]))
+            status = state.stop.token_status(seq.output_token_ids)
             if status is not None:
                 finish(seq, status)
         if sampled.logprobs is not None or sampled.top_logprobs is not None:

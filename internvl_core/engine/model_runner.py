@@ -173,17 +173,17 @@ class ModelRunner:
             self._last_sampled = None
             return SamplerOutput(token_ids=[])
         logits = self.model.compute_logits(hidden[inputs.sample_indices])  # [num_samples, V]
-        generators = []
+        known = self._generators
         for req in batch.sampling:
-            if req.request_id not in self._generators:
-                self._generators[req.request_id] = make_generator(req.params.seed, self.device)
-            generators.append(self._generators[req.request_id])
+            if req.request_id not in known:
+                known[req.request_id] = make_generator(req.params.seed, self.device)
+        requests = batch.sampling
         sampling = SamplingBatch(
-            params=[r.params for r in batch.sampling],
-            generators=generators,
-            prompt_token_ids=[r.prompt_token_ids for r in batch.sampling],
-            output_token_ids=[r.output_token_ids for r in batch.sampling],
-            stop_token_ids=[r.eos_token_ids for r in batch.sampling],
+            params=[r.params for r in requests],
+            generators=[known[r.request_id] for r in requests],
+            prompt_token_ids=[r.prompt_token_ids for r in requests],
+            output_token_ids=[r.output_token_ids for r in requests],
+            stop_token_ids=[r.eos_token_ids for r in requests],
         )
         # Structured outputs: grammar rows masked in place before sampling (others untouched),
         # then each matcher takes its row's token (before the next batch is prepared, so a

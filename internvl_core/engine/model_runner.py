@@ -81,47 +81,48 @@ class ModelRunner:
 
     # ---- one step -------------------------------------------------------------------------
     def prepare_input(self, batch: ScheduledBatch) -> ModelInput:
-        """Index tensors of one step, built with a handful of vectorised ops (no per-token loop)."""
+        """Index tensors of one step, built with a handful of vectorised numpy ops on the host
+        (no per-token loop), each moved to the device once."""
         num_seqs, block_size = batch.num_seqs, batch.block_size
-        query_lens = torch.tensor(batch.query_lens, dtype=torch.long)  # [S]
-        context = torch.tensor(batch.context_lens, dtype=torch.long)  # [S]
-        ends = query_lens.cumsum(0)  # [S]
-        if batch.is_decode_only:
-            seq_index = torch.arange(num_seqs)  # [T]
+        query_lens = np.array(batch.query_lens, dtype=np.int64)  # [S]
+        context = np.array(batch.context_lens, dtype=np.int64)  # [S]
+        ends = np.cumsum(query_lens)  # [S]
+        if len(batch.input_token_ids) == num_seqs:  # decode only: one token per sequence
+            seq_index = np.arange(num_seqs)  # [T]
             positions = context  # [T]
         else:
-            seq_index = torch.repeat_interleave(torch.arange(num_seqs), query_lens)  # [T]
-            rows = torch.arange(batch.num_tokens)  # [T]
+            seq_index = np.repeat(np.arange(num_seqs), query_lens)  # [T]
+            rows = np.arange(int(ends[-1]))  # [T]
             positions = rows - (ends - query_lens)[seq_index] + context[seq_index]  # [T]
         host_tables = _pad_block_tables(batch.block_tables)  # [S, max_num_blocks]
-        tables = torch.from_numpy(host_tables)  # [S, max_num_blocks]
-        blocks = tables[seq_index, positions // block_size]  # [T]
+        blocks = host_tables[seq_index, positions // block_size]  # [T]
         slots = blocks * block_size + positions % block_size  # [T]
+        device = self.device
+        positions_t = torch.from_numpy(positions)  # [T]
         long_mask = None
         if self._long_rope_threshold is not None:
             # Per token, the original's reference length: the whole prompt while prefilling (it
             # prefills in one forward), position + 1 while decoding.
-            prompt_lens = torch.tensor(batch.prompt_lens, dtype=torch.long)[seq_index]  # [T]
-            reference = torch.maximum(prompt_lens, positions + 1)  # [T]
-            long_mask = (reference > self._long_rope_threshold).to(self.device)  # [T]
-        flags = torch.tensor(batch.sample_flags, dtype=torch.bool)  # [S]
+            prompt_lens = np.array(batch.prompt_lens, dtype=np.int64)[seq_index]  # [T]
+            reference = np.maximum(prompt_lens, positions + 1)  # [T]
+            long_mask = torch.from_numpy(reference > self._long_rope_threshold).to(device)  # [T]
+        flags = np.array(batch.sample_flags, dtype=bool)  # [S]
         sample_indices = (ends - 1)[flags]  # [num_samples]
-        device = self.device
         attn = AttentionMetadata(
-            slot_mapping=slots.to(device),
-            block_tables=tables.to(device),
+            slot_mapping=torch.from_numpy(slots).to(device),
+            block_tables=torch.from_numpy(host_tables).to(device),
             query_lens=batch.query_lens,
             seq_lens=(context + query_lens).tolist(),
             block_size=block_size,
             long_rope_mask=long_mask,
             host_block_tables=host_tables,
         )
-        input_ids = torch.tensor(batch.input_token_ids, dtype=torch.long, device=device)  # [T]
+        input_ids = torch.from_numpy(np.array(batch.input_token_ids, dtype=np.int64))  # [T]
         return ModelInput(
-            input_ids=input_ids,
-            positions=positions.to(device),
+            input_ids=input_ids.to(device),
+            positions=positions_t.to(device),
             attn=attn,
-            sample_indices=sample_indices.to(device),
+            sample_indices=torch.from_numpy(sample_indices).to(device),
         )
 
     @torch.inference_mode()

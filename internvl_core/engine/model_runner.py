@@ -152,8 +152,9 @@ class ModelRunner:
         assert self.model.is_first_stage and self.model.is_last_stage, "async decode is PP=1"
         assert last is not None and last[0] == batch.batch_id - 1, "samples of the batch before"
         device = self.device
-        rows = torch.tensor(batch.deferred_token_rows, dtype=torch.long, device=device)  # [P]
-        sources = torch.tensor(batch.deferred_sample_rows, dtype=torch.long, device=device)  # [P]
+        rows = torch.from_numpy(np.array(batch.deferred_token_rows, dtype=np.int64))  # [P]
+        sources = torch.from_numpy(np.array(batch.deferred_sample_rows, dtype=np.int64))  # [P]
+        rows, sources = rows.to(device), sources.to(device)  # [P], [P]
         inputs.input_ids[rows] = last[1][sources]
 
     def _embed(self, batch: ScheduledBatch, inputs: ModelInput) -> torch.Tensor:

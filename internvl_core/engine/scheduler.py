@@ -26,7 +26,8 @@ from internvl_core.engine.sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
 
-_FINISHED = frozenset(s for s in SequenceStatus if s.is_finished)
+# A tuple, not a set: `in` compares by identity in C (Enum.__hash__ is Python code).
+_FINISHED = tuple(s for s in SequenceStatus if s.is_finished)
 
 
 @dataclass(slots=True)

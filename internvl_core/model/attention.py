@@ -190,12 +190,14 @@ def _decode_group(
 ) -> DecodeGroup:
     """Index tensors of one group from host arrays: tables [S, max_num_blocks], the rest [g]."""
     max_len = int(lens.max())
-    positions = np.arange(max_len)  # [max_seq_len]
-    blocks = tables[seq_ids[:, None], positions // block_size]  # [g, max_seq_len]
-    slots = torch.from_numpy(blocks * block_size + positions % block_size)  # [g, max_seq_len]
+    num_blocks = -(-max_len // block_size)
+    blocks = tables[seq_ids, :num_blocks]  # [g, num_blocks]
+    offsets = np.arange(block_size)  # [block_size]
+    slots_np = (blocks[:, :, None] * block_size + offsets).reshape(len(seq_ids), -1)
+    slots = torch.from_numpy(slots_np[:, :max_len])  # [g, max_seq_len]
     mask = None
     if int(lens.min()) != max_len:
-        padded = positions[None, :] < lens[:, None]  # [g, max_seq_len]
+        padded = np.arange(max_len)[None, :] < lens[:, None]  # [g, max_seq_len]
         mask = torch.from_numpy(padded[:, None, None, :]).to(device)  # [g, 1, 1, max_len]
     rows_t = torch.from_numpy(np.ascontiguousarray(rows)).to(device)  # [g]
     return DecodeGroup(rows_t, slots.to(device), mask)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import itertools
 import random
 
+import numpy as np
 import pytest
 import torch
 
 from internvl_core.model import attention
 from internvl_core.model.attention import (
+    _GroupMemo,
     group_by_length,
     paged_attention,
     plan_attention,
@@ -180,3 +182,17 @@ def test_decode_groups_equal_one_sequence_at_a_time(group_cost: int) -> None:
             q[i : i + 1], k[i : i + 1], v[i : i + 1], kv_cache.clone(), alone, SCALE
         )
         torch.testing.assert_close(out[i : i + 1], want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_group_memo_equals_a_fresh_grouping_after_every_shift(seed: int) -> None:
+    """Reusing the grouping when every length grew by the same amount (a steady decode step)
+    gives exactly what `group_by_length` computes afresh, ties included."""
+    rng = random.Random(seed)
+    lens = [rng.choice([rng.randint(1, 40), rng.randint(200, 600)]) for _ in range(40)]
+    memo = _GroupMemo()
+    for shift in (0, 1, 2, 7, 300):
+        shifted = np.array(lens, dtype=np.int64) + shift
+        groups = [g.tolist() for g in memo.groups_for(shifted, 256)]
+        assert groups == group_by_length(shifted.tolist(), 256)
+    assert memo.key is not None

@@ -92,6 +92,9 @@ class LLMEngine:
         pp_size = pipeline.pp_size
         async_decode = async_scheduling and pp_size == 1
         self.max_in_flight = 2 if async_decode else pp_size
+        # PP > 1: a returned micro-batch's sequences go back to stage 0 before the output side
+        # runs, so stage 0 does not idle through detokenization (stop strings abort one step on).
+        self._resubmit_after_fetch = pp_size > 1
         self.scheduler = Scheduler(config, self.block_manager, async_decode=async_decode)
         self._states: dict[str, RequestState] = {}
         self.output_processor = OutputProcessor(self._states, self.scheduler.finish)
@@ -269,27 +272,35 @@ class LLMEngine:
     def step_tokens(self) -> list[TokenOutput]:
         """The step loop without the output side: plan and submit until `max_in_flight` batches
         are in flight, then read back the oldest; requests ending by a stop id or length are
-        freed here. Aborted requests' outputs wait for `step`."""
-        while len(self._in_flight) < self.max_in_flight:
-            batch = self.scheduler.schedule()
-            if batch is None:
-                break
-            self._in_flight.append(self.pipeline.submit(batch))
+        freed here. At PP > 1 the freed slot is refilled at once (before the output side).
+        Aborted requests' outputs wait for `step`."""
+        self._submit_ready()
         if not self._in_flight:
             return []
         pending = self._in_flight.popleft()
         sampled = self.pipeline.fetch(pending)
         grown = self.scheduler.update(pending.batch.batch_id, sampled.token_ids)
         states, finish = self._states, self.scheduler.finish
-        items = [TokenOutput(states[seq.request_id], seq.token_ids[-1]) for seq in grown]
-        for item in items:
-            seq = item.state.seq
-            status = item.state.stop.token_status(seq.output_token_ids)
+        items: list[TokenOutput] = []
+        for seq in grown:  # hot: one pass, plain fields
+            state = states[seq.request.request_id]
+            items.append(TokenOutput(state, seq.token_ids[-1]))
+            status = state.stop.token_status(seq.output_token_ids)
             if status is not None:
                 finish(seq, status)
         if sampled.logprobs is not None or sampled.top_logprobs is not None:
             _attach_logprobs(items, pending, sampled)
+        if self._resubmit_after_fetch:
+            self._submit_ready()
         return items
+
+    def _submit_ready(self) -> None:
+        """Plan and submit batches until `max_in_flight` are in the pipeline or none can run."""
+        while len(self._in_flight) < self.max_in_flight:
+            batch = self.scheduler.schedule()
+            if batch is None:
+                break
+            self._in_flight.append(self.pipeline.submit(batch))
 
     # ---- offline convenience ----------------------------------------------------------------
     def generate(

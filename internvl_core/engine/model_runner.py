@@ -8,7 +8,9 @@ samples.
 from __future__ import annotations
 
 import logging
+from itertools import chain
 
+import numpy as np
 import torch
 
 from internvl_core.config import EngineConfig
@@ -79,48 +81,48 @@ class ModelRunner:
 
     # ---- one step -------------------------------------------------------------------------
     def prepare_input(self, batch: ScheduledBatch) -> ModelInput:
-        """Index tensors of one step, built with a handful of vectorised ops (no per-token loop)."""
+        """Index tensors of one step, built with a handful of vectorised numpy ops on the host
+        (no per-token loop), each moved to the device once."""
         num_seqs, block_size = batch.num_seqs, batch.block_size
-        query_lens = torch.tensor(batch.query_lens, dtype=torch.long)  # [S]
-        context = torch.tensor(batch.context_lens, dtype=torch.long)  # [S]
-        ends = query_lens.cumsum(0)  # [S]
-        if batch.is_decode_only:
-            seq_index = torch.arange(num_seqs)  # [T]
+        query_lens = np.array(batch.query_lens, dtype=np.int64)  # [S]
+        context = np.array(batch.context_lens, dtype=np.int64)  # [S]
+        ends = np.cumsum(query_lens)  # [S]
+        if len(batch.input_token_ids) == num_seqs:  # decode only: one token per sequence
+            seq_index = np.arange(num_seqs)  # [T]
             positions = context  # [T]
         else:
-            seq_index = torch.repeat_interleave(torch.arange(num_seqs), query_lens)  # [T]
-            rows = torch.arange(batch.num_tokens)  # [T]
+            seq_index = np.repeat(np.arange(num_seqs), query_lens)  # [T]
+            rows = np.arange(int(ends[-1]))  # [T]
             positions = rows - (ends - query_lens)[seq_index] + context[seq_index]  # [T]
-        width = max(len(t) for t in batch.block_tables)
-        tables = torch.tensor(
-            [t + [0] * (width - len(t)) for t in batch.block_tables], dtype=torch.long
-        )  # [S, max_num_blocks]
-        blocks = tables[seq_index, positions // block_size]  # [T]
+        host_tables = _pad_block_tables(batch.block_tables)  # [S, max_num_blocks]
+        blocks = host_tables[seq_index, positions // block_size]  # [T]
         slots = blocks * block_size + positions % block_size  # [T]
+        device = self.device
+        positions_t = torch.from_numpy(positions)  # [T]
         long_mask = None
         if self._long_rope_threshold is not None:
             # Per token, the original's reference length: the whole prompt while prefilling (it
             # prefills in one forward), position + 1 while decoding.
-            prompt_lens = torch.tensor(batch.prompt_lens, dtype=torch.long)[seq_index]  # [T]
-            reference = torch.maximum(prompt_lens, positions + 1)  # [T]
-            long_mask = (reference > self._long_rope_threshold).to(self.device)  # [T]
-        flags = torch.tensor(batch.sample_flags, dtype=torch.bool)  # [S]
+            prompt_lens = np.array(batch.prompt_lens, dtype=np.int64)[seq_index]  # [T]
+            reference = np.maximum(prompt_lens, positions + 1)  # [T]
+            long_mask = torch.from_numpy(reference > self._long_rope_threshold).to(device)  # [T]
+        flags = np.array(batch.sample_flags, dtype=bool)  # [S]
         sample_indices = (ends - 1)[flags]  # [num_samples]
-        device = self.device
         attn = AttentionMetadata(
-            slot_mapping=slots.to(device),
-            block_tables=tables.to(device),
+            slot_mapping=torch.from_numpy(slots).to(device),
+            block_tables=torch.from_numpy(host_tables).to(device),
             query_lens=batch.query_lens,
-            seq_lens=[c + q for c, q in zip(batch.context_lens, batch.query_lens, strict=True)],
+            seq_lens=(context + query_lens).tolist(),
             block_size=block_size,
             long_rope_mask=long_mask,
+            host_block_tables=host_tables,
         )
-        input_ids = torch.tensor(batch.input_token_ids, dtype=torch.long, device=device)  # [T]
+        input_ids = torch.from_numpy(np.array(batch.input_token_ids, dtype=np.int64))  # [T]
         return ModelInput(
-            input_ids=input_ids,
-            positions=positions.to(device),
+            input_ids=input_ids.to(device),
+            positions=positions_t.to(device),
             attn=attn,
-            sample_indices=sample_indices.to(device),
+            sample_indices=torch.from_numpy(sample_indices).to(device),
         )
 
     @torch.inference_mode()
@@ -150,8 +152,9 @@ class ModelRunner:
         assert self.model.is_first_stage and self.model.is_last_stage, "async decode is PP=1"
         assert last is not None and last[0] == batch.batch_id - 1, "samples of the batch before"
         device = self.device
-        rows = torch.tensor(batch.deferred_token_rows, dtype=torch.long, device=device)  # [P]
-        sources = torch.tensor(batch.deferred_sample_rows, dtype=torch.long, device=device)  # [P]
+        rows = torch.from_numpy(np.array(batch.deferred_token_rows, dtype=np.int64))  # [P]
+        sources = torch.from_numpy(np.array(batch.deferred_sample_rows, dtype=np.int64))  # [P]
+        rows, sources = rows.to(device), sources.to(device)  # [P], [P]
         inputs.input_ids[rows] = last[1][sources]
 
     def _embed(self, batch: ScheduledBatch, inputs: ModelInput) -> torch.Tensor:
@@ -172,17 +175,17 @@ class ModelRunner:
             self._last_sampled = None
             return SamplerOutput(token_ids=[])
         logits = self.model.compute_logits(hidden[inputs.sample_indices])  # [num_samples, V]
-        generators = []
+        known = self._generators
         for req in batch.sampling:
-            if req.request_id not in self._generators:
-                self._generators[req.request_id] = make_generator(req.params.seed, self.device)
-            generators.append(self._generators[req.request_id])
+            if req.request_id not in known:
+                known[req.request_id] = make_generator(req.params.seed, self.device)
+        requests = batch.sampling
         sampling = SamplingBatch(
-            params=[r.params for r in batch.sampling],
-            generators=generators,
-            prompt_token_ids=[r.prompt_token_ids for r in batch.sampling],
-            output_token_ids=[r.output_token_ids for r in batch.sampling],
-            stop_token_ids=[r.eos_token_ids for r in batch.sampling],
+            params=[r.params for r in requests],
+            generators=[known[r.request_id] for r in requests],
+            prompt_token_ids=[r.prompt_token_ids for r in requests],
+            output_token_ids=[r.output_token_ids for r in requests],
+            stop_token_ids=[r.eos_token_ids for r in requests],
         )
         # Structured outputs: grammar rows masked in place before sampling (others untouched),
         # then each matcher takes its row's token (before the next batch is prepared, so a
@@ -192,3 +195,12 @@ class ModelRunner:
         self.structured.advance(batch.sampling, output.token_ids)
         self._last_sampled = (batch.batch_id, self.sampler.last_token_ids)
         return output
+
+
+def _pad_block_tables(tables: list[list[int]]) -> np.ndarray:
+    """Block tables of unequal lengths -> [S, max_num_blocks] int64, padded with 0."""
+    lens = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))  # [S]
+    out = np.zeros((len(tables), max(int(lens.max()), 1)), dtype=np.int64)  # [S, max_num_blocks]
+    flat = np.fromiter(chain.from_iterable(tables), dtype=np.int64, count=int(lens.sum()))
+    out[np.arange(out.shape[1])[None, :] < lens[:, None]] = flat  # row-major fill
+    return out

@@ -77,14 +77,16 @@ class Sampler:
         assert num_rows == len(params) == len(batch.generators), (
             "one SamplingBatch row per logit row"
         )
-        want_logprobs = any(p.logprobs or p.top_logprobs > 0 for p in params)
+        # One pass over the rows decides which steps run at all (a plain greedy batch skips them).
+        want_logprobs, all_greedy, processed = False, True, logits
+        if _needs_processing(params):
+            want_logprobs = any(p.logprobs or p.top_logprobs > 0 for p in params)
+            all_greedy = all(p.greedy for p in params)
+            processed = apply_min_tokens(logits, batch)  # [N, V]
+            processed = apply_penalties(processed, batch)  # [N, V]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None  # [N, V]
-        processed = apply_min_tokens(logits, batch)  # [N, V]
-        processed = apply_penalties(processed, batch)  # [N, V]
-        if all(p.greedy for p in params):
-            chosen = processed.argmax(dim=-1)  # [N]
-        else:
-            chosen = self._sample(processed, batch)  # [N]
+        # [N]: argmax for an all-greedy batch, else warped and sampled rows
+        chosen = processed.argmax(dim=-1) if all_greedy else self._sample(processed, batch)
         self.last_token_ids = chosen
         token_ids: list[int] = chosen.tolist()
         if raw_logprobs is None:
@@ -144,6 +146,20 @@ class Sampler:
                 generator.manual_seed(self._seed)
             self._shared[device] = generator
         return generator
+
+
+def _needs_processing(params: Sequence[SamplingParams]) -> bool:
+    """Whether any row is other than plain greedy: sampled, logprobs, min_tokens or penalties."""
+    return any(
+        p.temperature != 0.0
+        or p.logprobs
+        or p.top_logprobs > 0
+        or p.min_tokens > 0
+        or p.repetition_penalty != 1.0
+        or p.presence_penalty != 0.0
+        or p.frequency_penalty != 0.0
+        for p in params
+    )
 
 
 def _row_stop_ids(batch: SamplingBatch, row: int) -> list[int]:

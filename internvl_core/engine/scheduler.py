@@ -26,6 +26,9 @@ from internvl_core.engine.sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
 
+# A tuple, not a set: `in` compares by identity in C (Enum.__hash__ is Python code).
+_FINISHED = tuple(s for s in SequenceStatus if s.is_finished)
+
 
 @dataclass(slots=True)
 class _Scheduled:
@@ -127,35 +130,44 @@ class Scheduler:
     def _num_new_tokens(self, seq: Sequence) -> int:
         """Tokens `seq` can run now: 0 while in flight, unless async decoding allows a plain
         next step (known tokens or the one in-flight sample as placeholder)."""
-        if not seq.in_flight:
-            return seq.num_tokens - seq.num_computed_tokens
-        if not self.async_decode or seq.num_in_flight > 1:
+        # Hot (every running sequence, every step): plain fields, no properties.
+        num_in_flight = seq.num_in_flight
+        if not num_in_flight:
+            return len(seq.token_ids) - seq.num_computed_tokens
+        if num_in_flight > 1 or not self.async_decode:
             return 0
         if seq.num_pending_samples:
             params = seq.request.params
-            if seq.num_output_tokens + 1 >= params.max_tokens:
+            num_outputs = len(seq.output_token_ids)
+            if num_outputs + 1 >= params.max_tokens:
                 return 0  # the in-flight sample is its last: no speculative step
-            if _reads_history(params) or params.min_tokens > seq.num_output_tokens:
+            if params.min_tokens > num_outputs or _reads_history(params):
                 return 0  # the sampler would see a history without the in-flight token
             return 1
-        return seq.num_tokens - seq.num_scheduled_tokens
+        return len(seq.token_ids) - seq.num_computed_tokens - seq.num_in_flight_tokens
 
     def _schedule_running(self, plan: list[_Scheduled], budget: int) -> int:
         i = 0
         manager = self.block_manager
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            num_new = min(self._num_new_tokens(seq), budget)
+        running, block_size, num_new_tokens = self.running, self.block_size, self._num_new_tokens
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            num_new = min(num_new_tokens(seq), budget)
             if num_new <= 0:
                 i += 1
                 continue
-            need = manager.num_blocks_for(seq.num_scheduled_tokens + num_new)
-            need -= len(seq.block_table)
-            if need <= 0:  # the common decode step: room left in its last block
-                plan.append(self._plan(seq, num_new))
+            end = seq.num_computed_tokens + seq.num_in_flight_tokens + num_new
+            if end <= len(seq.block_table) * block_size:
+                # The common decode step: room left in its last block (what `_plan` does).
+                seq.num_in_flight += 1
+                seq.num_in_flight_tokens += num_new
+                plan.append(
+                    _Scheduled(seq, num_new, end == len(seq.token_ids) + seq.num_pending_samples)
+                )
                 budget -= num_new
                 i += 1
                 continue
+            need = manager.num_blocks_for(end) - len(seq.block_table)
             while not self.block_manager.can_allocate(need):
                 victim = self._pick_victim(after=i)
                 if victim is None:
@@ -236,12 +248,13 @@ class Scheduler:
         deferred_rows: list[int] = []
         deferred_sources: list[int] = []
         context_lens: list[int] = []
-        for item in plan:
+        cached_requests = self._sampling_requests
+        for item in plan:  # hot: plain fields, no properties
             seq = item.seq
-            end = seq.num_scheduled_tokens  # _plan counted this item already
+            end = seq.num_computed_tokens + seq.num_in_flight_tokens  # _plan counted this item
             start = end - item.num_new_tokens
             context_lens.append(start)
-            if seq.num_pending_samples and end > seq.num_tokens:
+            if seq.num_pending_samples and end > len(seq.token_ids):
                 # The token at `start` is the in-flight sample: the stage fills it on the device.
                 source_batch, source_row = seq.pending_sample
                 assert item.num_new_tokens == 1 and source_batch == batch_id - 1
@@ -251,7 +264,8 @@ class Scheduler:
                 if item.sample:
                     seq.num_pending_samples += 1
                     seq.pending_sample = (batch_id, len(sampling))
-                    sampling.append(self._sampling_request(seq))
+                    request = cached_requests.get(seq.request.request_id)
+                    sampling.append(request or self._sampling_request(seq))
                 continue
             if seq.request.image_runs:
                 positions, rows = seq.image_rows(start, end)
@@ -271,11 +285,11 @@ class Scheduler:
                 sampling.append(self._sampling_request(seq))
         batch = ScheduledBatch(
             batch_id=batch_id,
-            request_ids=[p.seq.request_id for p in plan],
+            request_ids=[p.seq.request.request_id for p in plan],
             input_token_ids=input_ids,
             query_lens=[p.num_new_tokens for p in plan],
             context_lens=context_lens,
-            prompt_lens=[p.seq.num_prompt_tokens for p in plan],
+            prompt_lens=[len(p.seq.request.prompt_token_ids) for p in plan],
             block_tables=[p.seq.block_table.copy() for p in plan],
             sample_flags=[p.sample for p in plan],
             sampling=sampling,
@@ -299,27 +313,30 @@ class Scheduler:
         """
         plan = self._in_flight.pop(batch_id)
         manager = self.block_manager
+        caching, block_size = manager.enable_prefix_caching, self.block_size
         grown: list[Sequence] = []
         tokens = iter(sampled_token_ids)
-        for item in plan:
-            seq = item.seq
+        for item in plan:  # hot: every sequence of every step
+            seq, num_new = item.seq, item.num_new_tokens
             seq.num_in_flight -= 1
-            seq.num_in_flight_tokens -= item.num_new_tokens
-            token = next(tokens) if item.sample else None
-            assert not item.sample or token is not None, "fewer sampled tokens than samples"
+            seq.num_in_flight_tokens -= num_new
+            token = None
             if item.sample:
+                token = next(tokens, None)
+                assert token is not None, "fewer sampled tokens than samples"
                 seq.num_pending_samples -= 1
-            if seq.status.is_finished:
+            if seq.status in _FINISHED:
                 continue
-            old_full = seq.num_computed_tokens // self.block_size
-            seq.num_computed_tokens += item.num_new_tokens
-            new_full = seq.num_computed_tokens // self.block_size
-            if manager.enable_prefix_caching and new_full > old_full:
+            old_full = seq.num_computed_tokens // block_size
+            seq.num_computed_tokens += num_new
+            new_full = seq.num_computed_tokens // block_size
+            if caching and new_full > old_full:
                 hashes = seq.full_block_hashes(new_full)
                 for idx in range(old_full, new_full):
                     manager.register(seq.block_table[idx], hashes[idx])
             if token is not None:
-                seq.append_token(token)
+                seq.token_ids.append(token)  # Sequence.append_token, inlined
+                seq.output_token_ids.append(token)
                 grown.append(seq)
         return grown
 

@@ -100,6 +100,9 @@ class StructuredOutputs:
 
     def advance(self, requests: Sequence[SamplingRequest], token_ids: Sequence[int]) -> None:
         """Feed each constrained row's sampled token to its matcher."""
+        assert len(requests) == len(token_ids), "one sampled token per request"
+        if not self._constraints:
+            return  # no grammar alive: nothing to advance
         for req, token in zip(requests, token_ids, strict=True):
             constraint = self._constraints.get(req.request_id)
             if constraint is None or constraint.matcher.is_terminated():

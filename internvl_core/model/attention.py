@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -103,6 +104,31 @@ def group_by_length(lens: list[int], group_cost: int) -> list[list[int]]:
     return groups
 
 
+class _GroupMemo:
+    """The latest `group_by_length` answer, keyed by lengths relative to their minimum.
+
+    A steady decode step adds 1 to every length: each partition's cost then grows by exactly the
+    number of sequences, and every comparison the convex hull trick makes is translation
+    invariant, so the answer (ties included) is the same and is reused instead of recomputed.
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple[bytes, int] | None = None
+        self.groups: list[np.ndarray] = []
+
+    def groups_for(self, lens: np.ndarray, group_cost: int) -> list[np.ndarray]:
+        key = ((lens - lens.min()).tobytes(), group_cost)
+        if key != self.key:
+            self.groups = [
+                np.asarray(g, dtype=np.int64) for g in group_by_length(lens.tolist(), group_cost)
+            ]
+            self.key = key
+        return self.groups
+
+
+_GROUPS = _GroupMemo()
+
+
 def _sequence_slots(
     block_table: torch.Tensor, positions: torch.Tensor, block_size: int
 ) -> torch.Tensor:
@@ -112,51 +138,69 @@ def _sequence_slots(
 
 
 def plan_attention(attn: AttentionMetadata, device: torch.device | str) -> AttentionPlan:
-    """Split the batch into decode rows (one batched call) and prefill spans (one call each)."""
-    tables = attn.block_tables.to(device)  # [num_seqs, max_num_blocks]
-    decode_seq_ids: list[int] = []
-    decode_rows: list[int] = []
+    """Split the batch into decode rows (grouped calls) and prefill spans (one call each).
+
+    Index arithmetic runs in numpy on the host (one small array op per group, no per-sequence
+    Python loop for decode rows); each finished index tensor is moved to `device` once.
+    """
+    query_lens = np.asarray(attn.query_lens, dtype=np.int64)  # [S]
+    seq_lens = np.asarray(attn.seq_lens, dtype=np.int64)  # [S]
+    assert ((query_lens >= 1) & (query_lens <= seq_lens)).all(), "1 <= query_len <= seq_len"
+    starts = np.cumsum(query_lens) - query_lens  # [S] first token row of each sequence
+    is_decode = query_lens == 1  # [S]
     prefills: list[PrefillSpan] = []
-    row = 0
-    for seq_id, (q_len, s_len) in enumerate(zip(attn.query_lens, attn.seq_lens, strict=True)):
-        assert 1 <= q_len <= s_len, f"sequence {seq_id}: query_len {q_len}, seq_len {s_len}"
-        if q_len == 1:
-            decode_seq_ids.append(seq_id)
-            decode_rows.append(row)
-        else:
+    if not is_decode.all():
+        tables = attn.block_tables.to(device)  # [num_seqs, max_num_blocks]
+        for seq_id in np.flatnonzero(~is_decode).tolist():
+            q_len, s_len = int(query_lens[seq_id]), int(seq_lens[seq_id])
+            row = int(starts[seq_id])
             prefills.append(_prefill_span(tables[seq_id], row, q_len, s_len, attn.block_size))
-        row += q_len
-    lens = [attn.seq_lens[i] for i in decode_seq_ids]
-    group_cost = GROUP_COST_ROWS.get(torch.device(device).type, GROUP_COST_ROWS["cuda"])
-    members = group_by_length(lens, group_cost) if lens else []
-    groups = [
-        _decode_group(
-            tables,
-            [decode_seq_ids[m] for m in group],
-            [decode_rows[m] for m in group],
-            [lens[m] for m in group],
-            attn.block_size,
-        )
-        for group in members
-    ]
+        decode_ids = np.flatnonzero(is_decode)  # [n]
+    else:
+        decode_ids = np.arange(len(query_lens))  # [n]
+    groups: list[DecodeGroup] = []
+    if len(decode_ids):
+        host_tables = attn.host_block_tables
+        if host_tables is None:
+            host_tables = attn.block_tables.cpu().numpy()  # [num_seqs, max_num_blocks]
+        lens = seq_lens[decode_ids]  # [n]
+        group_cost = GROUP_COST_ROWS.get(torch.device(device).type, GROUP_COST_ROWS["cuda"])
+        for members in _GROUPS.groups_for(lens, group_cost):
+            groups.append(
+                _decode_group(
+                    host_tables,
+                    decode_ids[members],
+                    starts[decode_ids[members]],
+                    lens[members],
+                    attn.block_size,
+                    device,
+                )
+            )
     # A lone group of every row (members in batch order) needs no scatter.
     return AttentionPlan(groups, prefills, decode_only=not prefills and len(groups) == 1)
 
 
 def _decode_group(
-    tables: torch.Tensor, seq_ids: list[int], rows: list[int], lens: list[int], block_size: int
+    tables: np.ndarray,
+    seq_ids: np.ndarray,
+    rows: np.ndarray,
+    lens: np.ndarray,
+    block_size: int,
+    device: torch.device | str,
 ) -> DecodeGroup:
-    device = tables.device
-    max_len = max(lens)
-    positions = torch.arange(max_len, device=device)  # [max_seq_len]
-    ids = torch.tensor(seq_ids, dtype=torch.long, device=device)  # [g]
-    slots = _sequence_slots(tables[ids], positions, block_size)  # [g, max_seq_len]
+    """Index tensors of one group from host arrays: tables [S, max_num_blocks], the rest [g]."""
+    max_len = int(lens.max())
+    num_blocks = -(-max_len // block_size)
+    blocks = tables[seq_ids, :num_blocks]  # [g, num_blocks]
+    offsets = np.arange(block_size)  # [block_size]
+    slots_np = (blocks[:, :, None] * block_size + offsets).reshape(len(seq_ids), -1)
+    slots = torch.from_numpy(slots_np[:, :max_len])  # [g, max_seq_len]
     mask = None
-    if min(lens) != max_len:
-        lengths = torch.tensor(lens, device=device)  # [g]
-        mask = (positions[None, :] < lengths[:, None])[:, None, None, :]  # [g, 1, 1, max_len]
-    rows_t = torch.tensor(rows, dtype=torch.long, device=device)  # [g]
-    return DecodeGroup(rows_t, slots, mask)
+    if int(lens.min()) != max_len:
+        padded = np.arange(max_len)[None, :] < lens[:, None]  # [g, max_seq_len]
+        mask = torch.from_numpy(padded[:, None, None, :]).to(device)  # [g, 1, 1, max_len]
+    rows_t = torch.from_numpy(np.ascontiguousarray(rows)).to(device)  # [g]
+    return DecodeGroup(rows_t, slots.to(device), mask)
 
 
 def _prefill_span(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -30,6 +31,8 @@ class AttentionMetadata:
     # The original picks per forward by max(position_ids)+1 > original_max_position_embeddings;
     # the engine decides it per sequence so batching never changes the choice. None = all short.
     long_rope_mask: torch.Tensor | None = None  # [num_tokens] bool
+    # The same block tables as a host array, when the builder has one (saves a device copy back).
+    host_block_tables: np.ndarray | None = None  # [num_seqs, max_num_blocks] int64
 
     @property
     def num_seqs(self) -> int:

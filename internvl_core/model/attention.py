@@ -1,7 +1,12 @@
 """Paged attention over block tables: write new K/V into their cache slots, then attend causally.
 
-Decode rows are attended in groups of similar context length (one SDPA call each), so a long
-sequence does not pad every short one in the batch to its length.
+Two backends behind one entry point, `paged_attention`:
+- "kernel" (CPU, float32, when the C++ kernel builds: `cpu_kernels.load_cpu_kernels`): one call
+  attends every decode row, prefill chunk and prefix hit of the batch, reading K/V in place from
+  the block pool (no gathered copies, no masks); fresh prompts (no cached prefix) still take one
+  causal SDPA call each over their own k/v, which beats the kernel there.
+- "sdpa" (any device): decode rows in groups of similar context length (one SDPA call each, keys
+  gathered and padded to the group's longest), one SDPA call per prefill span.
 
 q [T, H, d], k/v [T, K, d], a layer's cache [2, num_blocks, block_size, K, d], AttentionMetadata
 -> output [T, H, d]. Torch SDPA backend (CPU and GPU); `paged_attention` is the one entry point,
@@ -17,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from internvl_core.model.attention_metadata import AttentionMetadata
+from internvl_core.model.cpu_kernels import load_cpu_kernels
 
 
 @dataclass(slots=True)
@@ -43,12 +49,30 @@ class DecodeGroup:
 
 
 @dataclass(slots=True)
+class KernelSpans:
+    """The sequences the fused CPU kernel attends in one call (every one but fresh prompts)."""
+
+    block_tables: torch.Tensor  # [S', max_num_blocks] int64
+    query_start: torch.Tensor  # [S'] int64 first token row of each sequence
+    query_lens: torch.Tensor  # [S'] int64
+    seq_lens: torch.Tensor  # [S'] int64
+
+
+@dataclass(slots=True)
 class AttentionPlan:
     """Index tensors derived once per forward from AttentionMetadata and shared by every layer."""
 
     decode_groups: list[DecodeGroup]
     prefills: list[PrefillSpan]
     decode_only: bool  # one group holding every token row in order: the output needs no scatter
+    kernel: KernelSpans | None = None  # "kernel" backend: these rows in one fused call
+
+
+def choose_backend(device: torch.device | str, dtype: torch.dtype | None) -> str:
+    """"kernel" on the CPU in float32 when the C++ kernel is built and loaded, else "sdpa"."""
+    if torch.device(device).type == "cpu" and dtype == torch.float32 and load_cpu_kernels():
+        return "kernel"
+    return "sdpa"
 
 
 # What one more decode group costs (its gather, SDPA and scatter calls), in padded key rows: a
@@ -137,16 +161,25 @@ def _sequence_slots(
     return blocks * block_size + positions % block_size  # [..., len]
 
 
-def plan_attention(attn: AttentionMetadata, device: torch.device | str) -> AttentionPlan:
-    """Split the batch into decode rows (grouped calls) and prefill spans (one call each).
+def plan_attention(
+    attn: AttentionMetadata,
+    device: torch.device | str,
+    dtype: torch.dtype | None = None,
+    *,
+    backend: str | None = None,
+) -> AttentionPlan:
+    """Split the batch for the backend (`choose_backend(device, dtype)` when None).
 
-    Index arithmetic runs in numpy on the host (one small array op per group, no per-sequence
-    Python loop for decode rows); each finished index tensor is moved to `device` once.
+    "sdpa": decode rows in grouped calls, prefill spans one call each. "kernel": fresh prompts one
+    SDPA call each, every other row in one kernel call. Index arithmetic runs in numpy on the host
+    (no per-sequence Python loop for decode rows); each index tensor is moved to `device` once.
     """
     query_lens = np.asarray(attn.query_lens, dtype=np.int64)  # [S]
     seq_lens = np.asarray(attn.seq_lens, dtype=np.int64)  # [S]
     assert ((query_lens >= 1) & (query_lens <= seq_lens)).all(), "1 <= query_len <= seq_len"
     starts = np.cumsum(query_lens) - query_lens  # [S] first token row of each sequence
+    if (backend or choose_backend(device, dtype)) == "kernel":
+        return _kernel_plan(attn, query_lens, seq_lens, starts)
     is_decode = query_lens == 1  # [S]
     prefills: list[PrefillSpan] = []
     if not is_decode.all():
@@ -178,6 +211,31 @@ def plan_attention(attn: AttentionMetadata, device: torch.device | str) -> Atten
             )
     # A lone group of every row (members in batch order) needs no scatter.
     return AttentionPlan(groups, prefills, decode_only=not prefills and len(groups) == 1)
+
+
+def _kernel_plan(
+    attn: AttentionMetadata, query_lens: np.ndarray, seq_lens: np.ndarray, starts: np.ndarray
+) -> AttentionPlan:
+    """Fresh prompts (query_len == seq_len > 1) -> SDPA spans; all other sequences -> kernel."""
+    fresh = (query_lens == seq_lens) & (query_lens > 1)  # [S]
+    prefills = [
+        PrefillSpan(int(starts[i]), int(query_lens[i]), int(seq_lens[i]), None, None)
+        for i in np.flatnonzero(fresh).tolist()
+    ]
+    kernel = None
+    if not fresh.all():
+        tables = attn.host_block_tables
+        if tables is None:
+            tables = attn.block_tables.cpu().numpy()  # [S, max_num_blocks]
+        keep = ~fresh  # [S]
+        whole = bool(keep.all())
+        kernel = KernelSpans(
+            block_tables=torch.from_numpy(np.ascontiguousarray(tables if whole else tables[keep])),
+            query_start=torch.from_numpy(np.ascontiguousarray(starts[keep])),
+            query_lens=torch.from_numpy(np.ascontiguousarray(query_lens[keep])),
+            seq_lens=torch.from_numpy(np.ascontiguousarray(seq_lens[keep])),
+        )
+    return AttentionPlan([], prefills, decode_only=False, kernel=kernel)
 
 
 def _decode_group(
@@ -249,7 +307,9 @@ def paged_attention(
     assert q.shape[0] == attn.slot_mapping.shape[0], "one slot per new token"
     write_kv(k, v, kv_cache, attn.slot_mapping.to(k.device))
     if plan is None:
-        plan = plan_attention(attn, q.device)
+        plan = plan_attention(attn, q.device, q.dtype)
+    if plan.kernel is not None:
+        return _kernel_attention(q, k, v, kv_cache, plan, scale)  # [T, H, d]
     num_slots = kv_cache.shape[1] * kv_cache.shape[2]
     flat = kv_cache.view(2, num_slots, kv_cache.shape[3], kv_cache.shape[4])  # [2, slots, K, d]
     gqa = q.shape[1] != k.shape[1]
@@ -261,6 +321,36 @@ def paged_attention(
     for span in plan.prefills:
         rows = slice(span.row_start, span.row_start + span.query_len)
         out[rows] = _prefill_attention(q[rows], k[rows], v[rows], flat, span, scale=scale, gqa=gqa)
+    return out
+
+
+def _kernel_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    plan: AttentionPlan,
+    scale: float,
+) -> torch.Tensor:
+    """The fused CPU kernel for every sequence in `plan.kernel`, SDPA for fresh prompts."""
+    spans = plan.kernel
+    assert spans is not None
+    q = q.contiguous()  # [T, H, d]
+    out = torch.empty_like(q)  # [T, H, d]
+    torch.ops.internvl_cpu.paged_attention(
+        q,
+        kv_cache,
+        spans.block_tables,
+        spans.query_start,
+        spans.query_lens,
+        spans.seq_lens,
+        scale,
+        out,
+    )
+    gqa = q.shape[1] != k.shape[1]
+    for span in plan.prefills:  # fresh prompts: their own k/v hold the whole context
+        rows = slice(span.row_start, span.row_start + span.query_len)
+        out[rows] = _prefill_attention(q[rows], k[rows], v[rows], None, span, scale=scale, gqa=gqa)
     return out
 
 
@@ -281,7 +371,7 @@ def _prefill_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    flat: torch.Tensor,
+    flat: torch.Tensor | None,
     span: PrefillSpan,
     *,
     scale: float,

@@ -211,7 +211,7 @@ class DecoderModel(nn.Module):
         """
         assert len(kv_caches) == self.num_layers, "one KV cache per owned layer"
         rope = self.rope.cos_sin(positions, attn, dtype=hidden.dtype)  # 2 x [T, d]
-        plan = plan_attention(attn, hidden.device)
+        plan = plan_attention(attn, hidden.device, hidden.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden = layer(hidden, rope, kv_cache, attn, plan=plan)  # [T, D]
         if self.norm is not None:

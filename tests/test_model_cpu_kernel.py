@@ -1,0 +1,125 @@
+"""The fused C++ CPU paged-attention kernel against the grouped-SDPA path and a dense reference."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from internvl_core.model import cpu_kernels
+from internvl_core.model.attention import paged_attention, plan_attention, write_kv
+from internvl_core.model.attention_metadata import AttentionMetadata
+
+pytestmark = pytest.mark.skipif(
+    not cpu_kernels.load_cpu_kernels(), reason="no C++ compiler: the kernel is not built"
+)
+
+# (H, K, d): Qwen2-0.5B-like GQA 7:1, InternLM2 GQA 4:1, Phi-3 MHA, 76B-like GQA 8:1 at d 128.
+SHAPES = [(14, 2, 64), (8, 2, 32), (4, 4, 32), (16, 2, 128)]
+BLOCK_SIZE = 16
+
+
+def _batch(
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    query_lens: list[int],
+    seq_lens: list[int],
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """Random q/k/v and a random pool whose blocks are shuffled across sequences."""
+    gen = torch.Generator().manual_seed(seed)
+    needed = sum(-(-s // BLOCK_SIZE) for s in seq_lens)
+    perm = (torch.randperm(needed + 8, generator=gen) + 1).tolist()  # block 0 never used
+    tables, used = [], 0
+    for s_len in seq_lens:
+        count = -(-s_len // BLOCK_SIZE)
+        tables.append(perm[used : used + count])
+        used += count
+    attn = AttentionMetadata.for_contiguous(query_lens, seq_lens, tables, BLOCK_SIZE)
+    tokens = sum(query_lens)
+    q = torch.randn(tokens, heads, head_dim, generator=gen)  # [T, H, d]
+    k = torch.randn(tokens, kv_heads, head_dim, generator=gen)  # [T, K, d]
+    v = torch.randn(tokens, kv_heads, head_dim, generator=gen)  # [T, K, d]
+    cache = torch.randn(2, needed + 9, BLOCK_SIZE, kv_heads, head_dim, generator=gen)
+    return q, k, v, cache, attn
+
+
+def _both(q, k, v, cache, attn) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = q.shape[-1] ** -0.5
+    sdpa = plan_attention(attn, "cpu", backend="sdpa")
+    fused = plan_attention(attn, "cpu", torch.float32)
+    assert fused.kernel is not None or all(s.key_slots is None for s in fused.prefills)
+    want = paged_attention(q, k, v, cache.clone(), attn, scale, plan=sdpa)  # [T, H, d]
+    got = paged_attention(q, k, v, cache.clone(), attn, scale, plan=fused)  # [T, H, d]
+    return want, got
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_mixed_batch_matches_sdpa(shape: tuple[int, int, int]) -> None:
+    """Decodes at and across block edges, a fresh prompt, a chunk over a cached prefix, a
+    one-token sequence, and a chunk longer than the kernel's 16-row tile."""
+    query_lens = [1, 1, 1, 1, 1, 40, 7, 33, 1]
+    seq_lens = [1, 16, 17, 300, 129, 40, 100, 90, 64]
+    want, got = _both(*_batch(*shape, query_lens, seq_lens, seed=1))
+    assert (want - got).abs().max().item() <= 1e-5
+
+
+def test_random_batches_match_sdpa() -> None:
+    rng = random.Random(0)
+    for trial in range(12):
+        heads, kv_heads, head_dim = rng.choice(SHAPES)
+        query_lens, seq_lens = [], []
+        for _ in range(rng.randint(1, 24)):
+            seq_len = rng.randint(1, 400)
+            query_lens.append(rng.choice([1, 1, 1, rng.randint(1, seq_len)]))
+            seq_lens.append(seq_len)
+        batch = _batch(heads, kv_heads, head_dim, query_lens, seq_lens, seed=trial)
+        want, got = _both(*batch)
+        assert (want - got).abs().max().item() <= 1e-5, (trial, query_lens, seq_lens)
+
+
+def test_decode_only_batch_is_one_kernel_call() -> None:
+    q, k, v, cache, attn = _batch(8, 2, 32, [1] * 5, [3, 70, 16, 33, 200], seed=3)
+    plan = plan_attention(attn, "cpu", torch.float32)
+    assert plan.kernel is not None and not plan.prefills and not plan.decode_groups
+    assert plan.kernel.seq_lens.tolist() == [3, 70, 16, 33, 200]
+
+
+def test_kernel_reads_the_cache_not_the_fresh_kv() -> None:
+    """A decode row's keys come from the pool: after write_kv the two must agree exactly."""
+    q, k, v, cache, attn = _batch(4, 4, 32, [1, 1], [5, 20], seed=4)
+    write_kv(k, v, cache, attn.slot_mapping)
+    scale = 32**-0.5
+    plan = plan_attention(attn, "cpu", torch.float32)
+    first = paged_attention(q, k, v, cache, attn, scale, plan=plan)
+    again = paged_attention(q, k * 0, v * 0, cache.clone(), attn, scale, plan=plan)
+    assert not torch.equal(first, again)  # the new token's k/v were overwritten with zeros
+
+
+def test_bad_block_id_raises() -> None:
+    q, k, v, cache, attn = _batch(4, 4, 32, [1], [20], seed=5)
+    plan = plan_attention(attn, "cpu", torch.float32)
+    plan.kernel.block_tables[0, 1] = cache.shape[1] + 5
+    out = torch.empty_like(q)
+    with pytest.raises(RuntimeError, match="block id outside the pool"):
+        torch.ops.internvl_cpu.paged_attention(
+            q,
+            cache,
+            plan.kernel.block_tables,
+            plan.kernel.query_start,
+            plan.kernel.query_lens,
+            plan.kernel.seq_lens,
+            0.1,
+            out,
+        )
+
+
+def test_other_dtypes_and_devices_take_sdpa() -> None:
+    from internvl_core.model.attention import choose_backend
+
+    assert choose_backend("cpu", torch.float32) == "kernel"
+    assert choose_backend("cpu", torch.bfloat16) == "sdpa"
+    assert choose_backend("cpu", None) == "sdpa"
+    assert choose_backend("meta", torch.float32) == "sdpa"

@@ -27,21 +27,40 @@ from internvl_core.config import EngineConfig, LLMArchitecture, SamplingParams
 from internvl_core.engine.batch import SamplingRequest, ScheduledBatch
 from internvl_core.engine.memory_plan import CudaMemoryReader, measure_kv_plan
 from internvl_core.engine.model_runner import ModelRunner
-from internvl_core.model.attention import paged_attention, plan_attention
+from internvl_core.model.attention import choose_backend, paged_attention, plan_attention
 from internvl_core.model.attention_metadata import AttentionMetadata
 from internvl_core.model.decoder import DecoderModel
+from internvl_core.model.varlen_attention import varlen_supported
 
 SECTIONS = ("attention", "decoder", "kv", "pp_hop")
-BLOCK = 16
+BLOCK = 16  # --block-size
+VARLEN_BLOCK_SIZES = (16, 32, 64, 128, 256)
 GIB = 1 << 30
 
 
 # ---- hooks: a new attention path or compiled decode registers itself here --------------------
-def _current_attention(q, k, v, cache, attn, scale):  # type: ignore[no-untyped-def]
-    return paged_attention(q, k, v, cache, attn, scale, plan=plan_attention(attn, q.device))
+def _fused_backend(q: torch.Tensor, cache: torch.Tensor, block_size: int) -> str:
+    heads = (q.shape[1], cache.shape[3], q.shape[2])
+    return choose_backend(q.device, q.dtype, block_size=block_size, heads=heads)
 
 
-ATTENTION_IMPLS: dict[str, Callable[..., torch.Tensor]] = {"current": _current_attention}
+def _sdpa_attention(q, k, v, cache, attn, scale):  # type: ignore[no-untyped-def]
+    plan = plan_attention(attn, q.device, backend="sdpa")
+    return paged_attention(q, k, v, cache, attn, scale, plan=plan)
+
+
+def _fused_attention(q, k, v, cache, attn, scale):  # type: ignore[no-untyped-def]
+    """What the engine picks: varlen on CUDA (a block size it accepts), the C++ kernel on CPU."""
+    backend = _fused_backend(q, cache, attn.block_size)
+    plan = plan_attention(attn, q.device, backend=backend)
+    return paged_attention(q, k, v, cache, attn, scale, plan=plan)
+
+
+# "sdpa": grouped SDPA over gathered keys (the old path); "fused": the engine's choice.
+ATTENTION_IMPLS: dict[str, Callable[..., torch.Tensor]] = {
+    "sdpa": _sdpa_attention,
+    "fused": _fused_attention,
+}
 # mode -> (runner -> a callable that runs one ScheduledBatch); "graphs" goes here when it exists.
 DECODE_MODES: dict[str, Callable[[ModelRunner], Callable[[ScheduledBatch], Any]]] = {
     "eager": lambda runner: runner.execute,
@@ -171,15 +190,25 @@ def check_attention(device: torch.device, dtype: torch.dtype, opts: argparse.Nam
             q = torch.randn(num_tokens, heads, head_dim, dtype=dtype, device=device)  # [T, H, d]
             k = torch.randn(num_tokens, kv_heads, head_dim, dtype=dtype, device=device)  # [T, K, d]
             v = torch.randn_like(k)  # [T, K, d]
+            out[f"{shape_name}_fused_backend"] = _fused_backend(q, cache, BLOCK)
+            if device.type == "cuda":
+                out[f"{shape_name}_varlen_block_sizes"] = {
+                    bs: varlen_supported(device, dtype, bs, heads, kv_heads, head_dim)
+                    for bs in VARLEN_BLOCK_SIZES
+                }
+            reference = None
             for impl in impls:
                 fn = ATTENTION_IMPLS[impl]
 
                 def step(fn=fn, q=q, k=k, v=v, cache=cache, attn=attn, d=head_dim) -> torch.Tensor:
                     return fn(q, k, v, cache, attn, d**-0.5)
 
+                result = step().float()  # [T, H, d]
+                reference = result if reference is None else reference
                 out[f"{shape_name}_{case}_{impl}"] = {
                     "ms": round(_time_ms(step, device, opts.repeats), 3),
                     "peak_mib": _peak_mib(step, device),
+                    "max_abs_diff_vs_first": round((result - reference).abs().max().item(), 6),
                 }
             del cache, q, k, v
     return out
@@ -302,6 +331,7 @@ def _section(out: dict, name: str, fn: Callable[[], dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    global BLOCK
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes (CPU smoke test)")
@@ -309,8 +339,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--attention-impls", default=",".join(ATTENTION_IMPLS))
     parser.add_argument("--decode-modes", default=",".join(DECODE_MODES))
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--block-size", type=int, default=BLOCK, help="KV block (page) size")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     opts = parser.parse_args(argv)
+    BLOCK = opts.block_size
     if opts.dry_run:
         opts.repeats = min(opts.repeats, 2)
     start = time.perf_counter()

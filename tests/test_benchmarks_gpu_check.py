@@ -40,7 +40,13 @@ def test_dry_run_without_ray(capsys: pytest.CaptureFixture[str]) -> None:
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert _errors(out) == []
     assert out["dry_run"] is True and out["device"].startswith("cpu")
-    assert {"tiny_decode_current", "tiny_chunked_prefill_current"} <= set(out["attention"])
+    names = {
+        f"tiny_{case}_{impl}"
+        for case in ("decode", "chunked_prefill")
+        for impl in ("sdpa", "fused")
+    }
+    assert names <= set(out["attention"])
+    assert out["attention"]["tiny_decode_fused"]["max_abs_diff_vs_first"] <= 1e-5
     assert {"eager_bs1", "eager_bs4"} <= set(out["decoder"])
     assert out["kv"]["num_blocks"] > 0 and out["kv"]["fill"]["ok"] is True
     assert (

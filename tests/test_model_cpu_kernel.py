@@ -81,7 +81,7 @@ def test_random_batches_match_sdpa() -> None:
 
 
 def test_decode_only_batch_is_one_kernel_call() -> None:
-    q, k, v, cache, attn = _batch(8, 2, 32, [1] * 5, [3, 70, 16, 33, 200], seed=3)
+    _, _, _, _, attn = _batch(8, 2, 32, [1] * 5, [3, 70, 16, 33, 200], seed=3)
     plan = plan_attention(attn, "cpu", torch.float32)
     assert plan.kernel is not None and not plan.prefills and not plan.decode_groups
     assert plan.kernel.seq_lens.tolist() == [3, 70, 16, 33, 200]
@@ -99,7 +99,7 @@ def test_kernel_reads_the_cache_not_the_fresh_kv() -> None:
 
 
 def test_bad_block_id_raises() -> None:
-    q, k, v, cache, attn = _batch(4, 4, 32, [1], [20], seed=5)
+    q, _, _, cache, attn = _batch(4, 4, 32, [1], [20], seed=5)
     plan = plan_attention(attn, "cpu", torch.float32)
     plan.kernel.block_tables[0, 1] = cache.shape[1] + 5
     out = torch.empty_like(q)

@@ -5,6 +5,9 @@ Two backends behind one entry point, `paged_attention`:
   attends every decode row, prefill chunk and prefix hit of the batch, reading K/V in place from
   the block pool (no gathered copies, no masks); fresh prompts (no cached prefix) still take one
   causal SDPA call each over their own k/v, which beats the kernel there.
+- "varlen" (CUDA, fp16/bf16, a block size FlashAttention accepts): one
+  `torch.nn.attention.varlen.varlen_attn` call per layer for the whole batch, paged in place
+  (`varlen_attention.py`).
 - "sdpa" (any device): decode rows in groups of similar context length (one SDPA call each, keys
   gathered and padded to the group's longest), one SDPA call per prefill span.
 
@@ -23,6 +26,12 @@ import torch.nn.functional as F
 
 from internvl_core.model.attention_metadata import AttentionMetadata
 from internvl_core.model.cpu_kernels import load_cpu_kernels
+from internvl_core.model.varlen_attention import (
+    VarlenPlan,
+    plan_varlen,
+    varlen_paged_attention,
+    varlen_supported,
+)
 
 
 @dataclass(slots=True)
@@ -66,12 +75,29 @@ class AttentionPlan:
     prefills: list[PrefillSpan]
     decode_only: bool  # one group holding every token row in order: the output needs no scatter
     kernel: KernelSpans | None = None  # "kernel" backend: these rows in one fused call
+    varlen: VarlenPlan | None = None  # "varlen" backend: every row in one call
 
 
-def choose_backend(device: torch.device | str, dtype: torch.dtype | None) -> str:
-    """"kernel" on the CPU in float32 when the C++ kernel is built and loaded, else "sdpa"."""
-    if torch.device(device).type == "cpu" and dtype == torch.float32 and load_cpu_kernels():
+def choose_backend(
+    device: torch.device | str,
+    dtype: torch.dtype | None,
+    *,
+    block_size: int | None = None,
+    heads: tuple[int, int, int] | None = None,
+) -> str:
+    """ "kernel" on the CPU in float32 when the C++ kernel is built and loaded; "varlen" on CUDA
+    when FlashAttention runs this (dtype, block_size, (H, K, d) `heads`); else "sdpa"."""
+    device_type = torch.device(device).type
+    if device_type == "cpu" and dtype == torch.float32 and load_cpu_kernels():
         return "kernel"
+    if (
+        device_type == "cuda"
+        and dtype is not None
+        and block_size is not None
+        and heads is not None
+        and varlen_supported(device, dtype, block_size, *heads)
+    ):
+        return "varlen"
     return "sdpa"
 
 
@@ -178,8 +204,11 @@ def plan_attention(
     seq_lens = np.asarray(attn.seq_lens, dtype=np.int64)  # [S]
     assert ((query_lens >= 1) & (query_lens <= seq_lens)).all(), "1 <= query_len <= seq_len"
     starts = np.cumsum(query_lens) - query_lens  # [S] first token row of each sequence
-    if (backend or choose_backend(device, dtype)) == "kernel":
+    backend = backend or choose_backend(device, dtype)
+    if backend == "kernel":
         return _kernel_plan(attn, query_lens, seq_lens, starts)
+    if backend == "varlen":
+        return AttentionPlan([], [], decode_only=False, varlen=plan_varlen(attn, device))
     is_decode = query_lens == 1  # [S]
     prefills: list[PrefillSpan] = []
     if not is_decode.all():
@@ -310,6 +339,8 @@ def paged_attention(
         plan = plan_attention(attn, q.device, q.dtype)
     if plan.kernel is not None:
         return _kernel_attention(q, k, v, kv_cache, plan, scale)  # [T, H, d]
+    if plan.varlen is not None:
+        return varlen_paged_attention(q, kv_cache, plan.varlen, scale)  # [T, H, d]
     num_slots = kv_cache.shape[1] * kv_cache.shape[2]
     flat = kv_cache.view(2, num_slots, kv_cache.shape[3], kv_cache.shape[4])  # [2, slots, K, d]
     gqa = q.shape[1] != k.shape[1]

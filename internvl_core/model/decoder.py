@@ -16,7 +16,12 @@ from torch import nn
 from internvl_core.checkpoint.reader import CheckpointReader, load_into_module
 from internvl_core.config import LLMArchitecture, ModelArchitecture
 from internvl_core.errors import CheckpointError
-from internvl_core.model.attention import AttentionPlan, paged_attention, plan_attention
+from internvl_core.model.attention import (
+    AttentionPlan,
+    choose_backend,
+    paged_attention,
+    plan_attention,
+)
 from internvl_core.model.attention_metadata import AttentionMetadata
 from internvl_core.model.layers import GatedMLP, RMSNorm
 from internvl_core.model.quantization import QUANTIZATION_MODES, quantize_layer
@@ -134,6 +139,7 @@ class DecoderModel(nn.Module):
         self.dtype = dtype
         self.device = torch.device(device)
         self.rope = RotaryEmbedding(arch)
+        self._backends: dict[tuple[int, torch.dtype], str] = {}
         meta = torch.device("meta")
         vocab, width = arch.vocab_size, arch.hidden_size
         self.embedding: nn.Embedding | None = None
@@ -211,12 +217,28 @@ class DecoderModel(nn.Module):
         """
         assert len(kv_caches) == self.num_layers, "one KV cache per owned layer"
         rope = self.rope.cos_sin(positions, attn, dtype=hidden.dtype)  # 2 x [T, d]
-        plan = plan_attention(attn, hidden.device, hidden.dtype)
+        plan = plan_attention(
+            attn, hidden.device, backend=self.attention_backend(attn.block_size, hidden.dtype)
+        )
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden = layer(hidden, rope, kv_cache, attn, plan=plan)  # [T, D]
         if self.norm is not None:
             hidden = self.norm(hidden)  # [T, D]
         return hidden
+
+    def attention_backend(self, block_size: int, dtype: torch.dtype) -> str:
+        """The attention backend for this stage's device, `dtype` and the cache's block size."""
+        key = (block_size, dtype)
+        if key not in self._backends:
+            arch = self.arch
+            heads = (arch.num_attention_heads, arch.num_key_value_heads, arch.head_dim)
+            self._backends[key] = choose_backend(
+                self.device, dtype, block_size=block_size, heads=heads
+            )
+            logger.info(
+                "attention backend %s (%s, block_size %d)", self._backends[key], dtype, block_size
+            )
+        return self._backends[key]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, D] final hidden states -> [N, V] float32 logits (last stage only)."""

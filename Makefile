@@ -18,6 +18,7 @@ ifeq ($(HAS_CUDA),0)
 	$(BIN)/pip install --quiet torch==2.13.0
 endif
 	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/python -m internvl_core.model.cpu_kernels  # the C++ CPU attention kernel, once
 	touch $(STAMP)
 
 install: $(STAMP)

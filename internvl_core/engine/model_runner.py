@@ -25,6 +25,7 @@ from internvl_core.engine.memory_plan import CudaMemoryReader, MemoryReader, mea
 from internvl_core.engine.sampler import Sampler, SamplerOutput, SamplingBatch, make_generator
 from internvl_core.engine.structured import StructuredOutputs
 from internvl_core.model.attention_metadata import AttentionMetadata
+from internvl_core.model.cpu_kernels import load_cpu_kernels
 from internvl_core.model.decoder import DecoderModel
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ class ModelRunner:
         self._generators: dict[str, torch.Generator | None] = {}
         # (batch id, [num_samples] sampled ids on the device): feeds the next batch's placeholders.
         self._last_sampled: tuple[int, torch.Tensor] | None = None
+        if self.device.type == "cpu" and model.dtype == torch.float32:
+            load_cpu_kernels()  # build or load the C++ attention kernel now, not in a request
         scaling = model.arch.rope_scaling
         self._long_rope_threshold: int | None = None
         if scaling is not None and scaling.type == "longrope":

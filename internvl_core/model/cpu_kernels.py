@@ -128,3 +128,8 @@ def _register_fakes() -> None:
     @torch.library.register_fake("internvl_cpu::paged_attention")
     def _paged_attention(q, kv_cache, block_tables, query_start, query_lens, seq_lens, scale, out):
         return None
+
+
+if __name__ == "__main__":  # `python -m internvl_core.model.cpu_kernels`: build now (make install)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logger.info("CPU kernels %s", "ready" if load_cpu_kernels() else "off (pure-torch attention)")

@@ -26,6 +26,7 @@ from internvl_core.engine.sampler import Sampler, SamplerOutput, SamplingBatch, 
 from internvl_core.engine.structured import StructuredOutputs
 from internvl_core.model.attention_metadata import AttentionMetadata
 from internvl_core.model.cpu_kernels import load_cpu_kernels
+from internvl_core.model.cpu_linear import prepack_linears
 from internvl_core.model.decoder import DecoderModel
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class ModelRunner:
         self._last_sampled: tuple[int, torch.Tensor] | None = None
         if self.device.type == "cpu" and model.dtype == torch.float32:
             load_cpu_kernels()  # build or load the C++ attention kernel now, not in a request
+            prepack_linears(model)  # oneDNN-packed weights for every plain linear
         scaling = model.arch.rope_scaling
         self._long_rope_threshold: int | None = None
         if scaling is not None and scaling.type == "longrope":

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from internvl_core.model import cpu_kernels
+from internvl_core.model import attention, cpu_kernels
 from internvl_core.model.attention import paged_attention, plan_attention, write_kv
 from internvl_core.model.attention_metadata import AttentionMetadata
 
@@ -50,16 +50,20 @@ def _both(q, k, v, cache, attn) -> tuple[torch.Tensor, torch.Tensor]:
     scale = q.shape[-1] ** -0.5
     sdpa = plan_attention(attn, "cpu", backend="sdpa")
     fused = plan_attention(attn, "cpu", torch.float32)
-    assert fused.kernel is not None or all(s.key_slots is None for s in fused.prefills)
+    assert fused.kernel is not None or all(s.query_len > 1 for s in fused.prefills)
     want = paged_attention(q, k, v, cache.clone(), attn, scale, plan=sdpa)  # [T, H, d]
     got = paged_attention(q, k, v, cache.clone(), attn, scale, plan=fused)  # [T, H, d]
     return want, got
 
 
+@pytest.mark.parametrize("kernel_max_query", [16, 10_000])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_mixed_batch_matches_sdpa(shape: tuple[int, int, int]) -> None:
-    """Decodes at and across block edges, a fresh prompt, a chunk over a cached prefix, a
-    one-token sequence, and a chunk longer than the kernel's 16-row tile."""
+def test_mixed_batch_matches_sdpa(
+    shape: tuple[int, int, int], kernel_max_query: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decodes at and across block edges, a fresh prompt, chunks over a cached prefix, a
+    one-token sequence; with every chunk in the kernel too (tiles of 16 rows, transposed keys)."""
+    monkeypatch.setattr(attention, "KERNEL_MAX_QUERY", kernel_max_query)
     query_lens = [1, 1, 1, 1, 1, 40, 7, 33, 1]
     seq_lens = [1, 16, 17, 300, 129, 40, 100, 90, 64]
     want, got = _both(*_batch(*shape, query_lens, seq_lens, seed=1))

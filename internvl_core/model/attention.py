@@ -107,6 +107,9 @@ def choose_backend(
 # 5x for 32 spread over 64..2016, equal for 32x512). CUDA: a launch-bound estimate, not yet
 # measured (~5 kernels of ~5 us against ~2 ns to gather a row), so it only splits big gaps.
 GROUP_COST_ROWS = {"cpu": 256, "cuda": 32768}
+# "kernel" backend: sequences with more new tokens than this take SDPA (one kernel tile is 16 rows;
+# past it SDPA's blocked products win: 512 rows over 1024 keys took ~2x longer in the kernel).
+KERNEL_MAX_QUERY = 16
 
 
 def group_by_length(lens: list[int], group_cost: int) -> list[list[int]]:
@@ -245,18 +248,26 @@ def plan_attention(
 def _kernel_plan(
     attn: AttentionMetadata, query_lens: np.ndarray, seq_lens: np.ndarray, starts: np.ndarray
 ) -> AttentionPlan:
-    """Fresh prompts (query_len == seq_len > 1) -> SDPA spans; all other sequences -> kernel."""
+    """Decodes and short chunks -> one kernel call; fresh prompts (query_len == seq_len > 1) and
+    chunks of more than KERNEL_MAX_QUERY rows -> one SDPA call each (its blocked matrix products
+    beat the kernel's per-row loops there, gathered keys included)."""
     fresh = (query_lens == seq_lens) & (query_lens > 1)  # [S]
-    prefills = [
-        PrefillSpan(int(starts[i]), int(query_lens[i]), int(seq_lens[i]), None, None)
-        for i in np.flatnonzero(fresh).tolist()
-    ]
+    to_sdpa = fresh | (query_lens > KERNEL_MAX_QUERY)  # [S]
+    tables = attn.host_block_tables
+    if tables is None and not fresh.all():
+        tables = attn.block_tables.cpu().numpy()  # [S, max_num_blocks]
+    prefills = []
+    for i in np.flatnonzero(to_sdpa).tolist():
+        row, q_len, s_len = int(starts[i]), int(query_lens[i]), int(seq_lens[i])
+        table = None if fresh[i] else torch.from_numpy(tables[i])  # [max_num_blocks]
+        prefills.append(
+            PrefillSpan(row, q_len, s_len, None, None)
+            if table is None
+            else _prefill_span(table, row, q_len, s_len, attn.block_size)
+        )
     kernel = None
-    if not fresh.all():
-        tables = attn.host_block_tables
-        if tables is None:
-            tables = attn.block_tables.cpu().numpy()  # [S, max_num_blocks]
-        keep = ~fresh  # [S]
+    if not to_sdpa.all():
+        keep = ~to_sdpa  # [S]
         whole = bool(keep.all())
         kernel = KernelSpans(
             block_tables=torch.from_numpy(np.ascontiguousarray(tables if whole else tables[keep])),
@@ -379,9 +390,11 @@ def _kernel_attention(
         out,
     )
     gqa = q.shape[1] != k.shape[1]
-    for span in plan.prefills:  # fresh prompts: their own k/v hold the whole context
+    num_slots = kv_cache.shape[1] * kv_cache.shape[2]
+    flat = kv_cache.view(2, num_slots, kv_cache.shape[3], kv_cache.shape[4])  # [2, slots, K, d]
+    for span in plan.prefills:
         rows = slice(span.row_start, span.row_start + span.query_len)
-        out[rows] = _prefill_attention(q[rows], k[rows], v[rows], None, span, scale=scale, gqa=gqa)
+        out[rows] = _prefill_attention(q[rows], k[rows], v[rows], flat, span, scale=scale, gqa=gqa)
     return out
 
 

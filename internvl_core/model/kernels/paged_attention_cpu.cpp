@@ -10,7 +10,8 @@
 // Work: one job per (sequence, tile of up to kTileRows query rows, KV head); each job keeps the
 // tile's rows x G query heads in registers/L1 and streams the sequence's keys and values block by
 // block with an online softmax (running max, rescaled accumulators), so each key and value is
-// read once per tile. Jobs are sorted longest first and taken from an atomic counter by the
+// read once per tile. Scores of 16 keys at a time come from the keys transposed into a small
+// [d, 16] buffer and one broadcast FMA per head_dim element (no horizontal sums). Jobs are sorted longest first and taken from an atomic counter by the
 // OpenMP threads (torch's own libgomp): no job waits behind a long sequence on a busy thread.
 // Loops over head_dim carry `omp simd` pragmas (compiled with -fopenmp-simd -O3 -march=native);
 // exp is a polynomial that vectorises (relative error ~2e-7).
@@ -32,6 +33,8 @@
 namespace {
 
 constexpr int64_t kTileRows = 16;  // query rows of one sequence sharing a pass over its keys
+constexpr int64_t kKeys = 16;      // keys scored together: one 16-float vector per query row
+constexpr int64_t kTransposeRows = 8;
 constexpr int64_t kMaxRows = 256;  // tile rows x query heads per KV head, at most
 constexpr int64_t kMaxHeadDim = 512;  // bound checked on entry; accumulators are heap rows
 
@@ -93,11 +96,13 @@ void run_job(const Layout& L, const Job& job) {
   const int64_t* table = L.tables + job.seq * L.table_width;
   const int64_t token_stride = L.kv_heads * d;  // floats between two slots of a block
 
-  thread_local std::vector<float> acc_buf, score_buf;
+  thread_local std::vector<float> acc_buf, score_buf, key_buf;
   acc_buf.assign(rows * d, 0.0f);
-  score_buf.resize(rows * L.block_size);
+  score_buf.resize(rows * kKeys);
+  key_buf.resize(d * kKeys);
   float* acc = acc_buf.data();
-  float* scores = score_buf.data();
+  float* scores = score_buf.data();  // [rows, kKeys] softmax numerators of the current chunk
+  float* keys_t = key_buf.data();    // [d, kKeys] the chunk's keys, transposed
   float row_max[kMaxRows], row_sum[kMaxRows];
   const float* qrow[kMaxRows];
   int64_t row_limit[kMaxRows];  // keys visible to the row (causal)
@@ -109,50 +114,79 @@ void run_job(const Layout& L, const Job& job) {
     row_max[r] = -std::numeric_limits<float>::infinity();
     row_sum[r] = 0.0f;
   }
+  // Few rows (decodes): plain dot products; many rows (prefill tiles): transposing the chunk's
+  // keys once pays for itself.
+  const bool transpose = rows >= kTransposeRows;
   const int64_t num_blocks = (num_keys + L.block_size - 1) / L.block_size;
   for (int64_t b = 0; b < num_blocks; ++b) {
-    const int64_t start = b * L.block_size;
-    const int64_t count = std::min(L.block_size, num_keys - start);
+    const int64_t block_start = b * L.block_size;
+    const int64_t block_count = std::min(L.block_size, num_keys - block_start);
     const int64_t base = (table[b] * L.block_size * L.kv_heads + job.kv_head) * d;
-    const float* kblock = L.keys + base;
-    const float* vblock = L.values + base;
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t visible = std::min(count, row_limit[r] - start);  // may be <= 0
-      float* s = scores + r * L.block_size;
-      float block_max = -std::numeric_limits<float>::infinity();
-      for (int64_t t = 0; t < visible; ++t) {
-        s[t] = dot(qrow[r], kblock + t * token_stride, d) * L.scale;
-        block_max = std::max(block_max, s[t]);
+    for (int64_t c0 = 0; c0 < block_count; c0 += kKeys) {
+      // A chunk of up to kKeys keys: scores of every row by broadcast FMAs over head_dim into one
+      // kKeys-wide vector (no horizontal sums), then the online-softmax update and P @ V.
+      const int64_t start = block_start + c0;
+      const int64_t count = std::min(kKeys, block_count - c0);
+      const float* kchunk = L.keys + base + c0 * token_stride;
+      const float* vchunk = L.values + base + c0 * token_stride;
+      for (int64_t t = 0; transpose && t < kKeys; ++t) {
+        const float* key = kchunk + t * token_stride;
+        if (t < count) {
+          for (int64_t i = 0; i < d; ++i) keys_t[i * kKeys + t] = key[i];
+        } else {
+          for (int64_t i = 0; i < d; ++i) keys_t[i * kKeys + t] = 0.0f;
+        }
       }
-      if (visible <= 0) {
-        for (int64_t t = 0; t < count; ++t) s[t] = 0.0f;
-        continue;
-      }
-      const float new_max = std::max(row_max[r], block_max);
-      const float correction = exp_nonpositive(row_max[r] - new_max);  // 0 on the first block
-      float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t t = 0; t < visible; ++t) {
-        s[t] = exp_nonpositive(s[t] - new_max);
-        sum += s[t];
-      }
-      for (int64_t t = visible; t < count; ++t) s[t] = 0.0f;
-      row_sum[r] = row_sum[r] * correction + sum;
-      row_max[r] = new_max;
-      if (correction != 1.0f) {
-        float* a = acc + r * d;
-#pragma omp simd
-        for (int64_t i = 0; i < d; ++i) a[i] *= correction;
-      }
-    }
-    for (int64_t t = 0; t < count; ++t) {
-      const float* v = vblock + t * token_stride;
       for (int64_t r = 0; r < rows; ++r) {
-        const float p = scores[r * L.block_size + t];
-        if (p == 0.0f) continue;
-        float* a = acc + r * d;
+        const int64_t visible = std::min(count, row_limit[r] - start);  // may be <= 0
+        float* p = scores + r * kKeys;
+        if (visible <= 0) {
+          for (int64_t t = 0; t < kKeys; ++t) p[t] = 0.0f;
+          continue;
+        }
+        alignas(64) float s[kKeys] = {};
+        const float* qr = qrow[r];
+        if (transpose) {
+          for (int64_t i = 0; i < d; ++i) {
+            const float qi = qr[i];
+            const float* kt = keys_t + i * kKeys;
 #pragma omp simd
-        for (int64_t i = 0; i < d; ++i) a[i] += p * v[i];
+            for (int64_t t = 0; t < kKeys; ++t) s[t] += qi * kt[t];
+          }
+        } else {
+          for (int64_t t = 0; t < visible; ++t) s[t] = dot(qr, kchunk + t * token_stride, d);
+        }
+        float chunk_max = -std::numeric_limits<float>::infinity();
+        for (int64_t t = 0; t < visible; ++t) {
+          s[t] *= L.scale;
+          chunk_max = std::max(chunk_max, s[t]);
+        }
+        const float new_max = std::max(row_max[r], chunk_max);
+        const float correction = exp_nonpositive(row_max[r] - new_max);  // ~0 on the first chunk
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < kKeys; ++t) {
+          const float e = exp_nonpositive(s[t] - new_max);
+          p[t] = t < visible ? e : 0.0f;
+          sum += p[t];
+        }
+        row_sum[r] = row_sum[r] * correction + sum;
+        row_max[r] = new_max;
+        if (correction != 1.0f) {
+          float* a = acc + r * d;
+#pragma omp simd
+          for (int64_t i = 0; i < d; ++i) a[i] *= correction;
+        }
+      }
+      for (int64_t t = 0; t < count; ++t) {
+        const float* v = vchunk + t * token_stride;
+        for (int64_t r = 0; r < rows; ++r) {
+          const float w = scores[r * kKeys + t];
+          if (w == 0.0f) continue;
+          float* a = acc + r * d;
+#pragma omp simd
+          for (int64_t i = 0; i < d; ++i) a[i] += w * v[i];
+        }
       }
     }
   }

@@ -41,7 +41,10 @@ constexpr int64_t kMaxHeadDim = 512;  // bound checked on entry; accumulators ar
 // e^x for x <= 0 (scores minus their running max): 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2.
 inline float exp_nonpositive(float x) {
   x = std::max(x, -87.0f);
-  const float n = std::nearbyint(x * 1.44269504088896341f);
+  // Round x / ln2 to the nearest integer by adding and removing 1.5 * 2^23 (plain float adds, so
+  // the loop vectorises; no libm call).
+  constexpr float kShift = 12582912.0f;
+  const float n = (x * 1.44269504088896341f + kShift) - kShift;
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -86,8 +89,11 @@ struct Layout {
   float scale;
 };
 
+// kHeadDim > 0: head_dim known at compile time (fully unrolled vector loops); 0: L.head_dim.
+template <int64_t kHeadDim>
 void run_job(const Layout& L, const Job& job) {
-  const int64_t d = L.head_dim, group = L.heads / L.kv_heads;
+  const int64_t d = kHeadDim > 0 ? kHeadDim : L.head_dim;
+  const int64_t group = L.heads / L.kv_heads;
   const int64_t q_len = L.query_lens[job.seq];
   const int64_t seq_len = L.seq_lens[job.seq];
   const int64_t first_pos = seq_len - q_len + job.first_row;  // position of the tile's row 0
@@ -260,12 +266,21 @@ void paged_attention(const at::Tensor& q, const at::Tensor& kv_cache,
   }
   std::stable_sort(jobs.begin(), jobs.end(),
                    [](const Job& a, const Job& b) { return a.cost > b.cost; });
+  void (*run)(const Layout&, const Job&) = run_job<0>;
+  switch (head_dim) {
+    case 32: run = run_job<32>; break;
+    case 64: run = run_job<64>; break;
+    case 80: run = run_job<80>; break;
+    case 96: run = run_job<96>; break;
+    case 128: run = run_job<128>; break;
+    default: break;
+  }
   std::atomic<int64_t> next{0};
   const int64_t total = static_cast<int64_t>(jobs.size());
   const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), total));
 #pragma omp parallel num_threads(threads)
   {
-    for (int64_t j = next.fetch_add(1); j < total; j = next.fetch_add(1)) run_job(L, jobs[j]);
+    for (int64_t j = next.fetch_add(1); j < total; j = next.fetch_add(1)) run(L, jobs[j]);
   }
 }
 

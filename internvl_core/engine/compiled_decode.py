@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import chain
@@ -31,8 +32,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MIN_WIDTH_BLOCKS = 4
 
 DecodeStep = Callable[
-    [torch.Tensor, torch.Tensor | None, torch.Tensor, list[torch.Tensor], DecodeMetadata],
-    torch.Tensor,
+    [torch.Tensor, torch.Tensor, torch.Tensor | None, list[torch.Tensor]], torch.Tensor
 ]
 
 
@@ -69,13 +69,16 @@ def resolve_mode(option: str, device: torch.device) -> str:
 
 @dataclass(slots=True)
 class DecodeView:
-    """The persistent buffers of one (batch bucket, width bucket), filled for this step."""
+    """The persistent buffers of one (batch bucket, width bucket); `prepare` fills them."""
 
-    num_seqs: int  # real rows; rows [num_seqs, batch) are padding
-    input_ids: torch.Tensor  # [batch] int64 (first stage)
-    positions: torch.Tensor  # [batch] int64
+    num_seqs: int  # real rows of this step; rows [num_seqs, batch) are padding
+    index: torch.Tensor  # [5, batch] int64: ids, positions, slots, seq lens, long-rope flags
+    block_tables: torch.Tensor  # [batch, width] int64
     hidden: torch.Tensor | None  # [batch, D] input hidden states (later stages)
-    meta: DecodeMetadata
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.index[0]  # [batch] int64 (first stage), a view: writes land in the buffer
 
 
 class CompiledDecode:
@@ -105,21 +108,16 @@ class CompiledDecode:
         self._long_rope_threshold: int | None = None
         if scaling is not None and scaling.type == "longrope":
             self._long_rope_threshold = scaling.original_max_position_embeddings
-        max_rows, max_width = self.batch_buckets[-1], self.width_buckets[-1]
-        # Persistent index buffers: every bucket reads views at offset 0 (fixed addresses).
-        self._host = torch.zeros((5, max_rows), dtype=torch.int64)  # ids, pos, slots, lens, long
-        self._index = torch.zeros((5, max_rows), dtype=torch.int64, device=self.device)
-        self._tables = torch.zeros(max_rows * max_width, dtype=torch.int64, device=self.device)
-        self._long = torch.zeros(max_rows, dtype=torch.bool, device=self.device)  # [max_rows]
-        self._hidden: torch.Tensor | None = None
-        if not model.is_first_stage:
-            width = model.arch.hidden_size
-            self._hidden = torch.zeros((max_rows, width), dtype=model.dtype, device=self.device)
+        # Host staging of ids, positions, slots, seq lens, long-rope flags (copy source only).
+        self._host = torch.zeros((5, self.batch_buckets[-1]), dtype=torch.int64)
+        # Persistent device buffers per (rows, width) bucket: standalone tensors (not views of
+        # one max-size buffer, whose static size would pin dynamo's shapes), fixed addresses.
+        self._buckets: dict[tuple[int, int], DecodeView] = {}
         self._kv_caches: list[torch.Tensor] = []
         self._scratch_block = -1
         model.rope.prepare_decode(self.device)
         self._step: DecodeStep = torch.compile(
-            self._decode_step, fullgraph=True, dynamic=True, backend=backend
+            _own_code(self._decode_step), fullgraph=True, dynamic=False, backend=backend
         )
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_pool: tuple[int, int] | None = None
@@ -175,35 +173,49 @@ class CompiledDecode:
         host[0:2, num_seqs:] = 0
         host[2, num_seqs:] = self._scratch_block * block_size
         host[3, num_seqs:] = 1
-        index = self._index[:, :rows]  # [5, rows]
-        table_view = self._tables[: rows * width].view(rows, width)  # [rows, width]
-        long_mask = None
         if self._long_rope_threshold is not None:
             # Decode reference length: max(prompt, position + 1), as prepare_input decides it.
             prompt_lens = np.array(batch.prompt_lens, dtype=np.int64)  # [S]
             reference = np.maximum(prompt_lens, positions + 1)  # [S]
             host[4, :num_seqs] = reference > self._long_rope_threshold
             host[4, num_seqs:] = 0
-            long_mask = self._long[:rows]  # [rows]
+        view = self._bucket(rows, width)
+        view.num_seqs = num_seqs
         # Blocking copies from pageable memory, as prepare_input's: the host buffer is reused.
-        index.copy_(self._host[:, :rows])
-        table_view.copy_(torch.from_numpy(tables))
-        if long_mask is not None:
-            long_mask.copy_(index[4] != 0)
-        hidden_view = None
-        if self._hidden is not None:
+        view.index.copy_(self._host[:, :rows])
+        view.block_tables.copy_(torch.from_numpy(tables))
+        if view.hidden is not None:
             assert hidden is not None, "a later stage needs the previous stage's hidden states"
-            hidden_view = self._hidden[:rows]  # [rows, D]
-            hidden_view[:num_seqs].copy_(hidden)
-        meta = DecodeMetadata(index[2], table_view, index[3], long_mask)
-        return DecodeView(num_seqs, index[0], index[1], hidden_view, meta)
+            view.hidden[:num_seqs].copy_(hidden)
+        return view
+
+    def _bucket(self, rows: int, width: int) -> DecodeView:
+        """The persistent buffers of one bucket, allocated on first use."""
+        key = (rows, width)
+        if key not in self._buckets:
+            device = self.device
+            index = torch.zeros((5, rows), dtype=torch.int64, device=device)  # [5, rows]
+            tables = torch.zeros((rows, width), dtype=torch.int64, device=device)  # [rows, W]
+            hidden = None
+            if not self.model.is_first_stage:
+                width_d, dtype = self.model.arch.hidden_size, self.model.dtype
+                hidden = torch.zeros((rows, width_d), dtype=dtype, device=device)  # [rows, D]
+            # One graph serves every bucket: rows and width are symbolic (batch 1 and width 1
+            # would be specialised by dynamo anyway, so they get their own graphs).
+            for tensor, dim, size in ((index, 1, rows), (tables, 0, rows), (tables, 1, width)):
+                if size > 1:
+                    torch._dynamo.mark_dynamic(tensor, dim)
+            if hidden is not None and rows > 1:
+                torch._dynamo.mark_dynamic(hidden, 0)
+            self._buckets[key] = DecodeView(0, index, tables, hidden)
+        return self._buckets[key]
 
     def forward(self, view: DecodeView) -> torch.Tensor:
         """Run the decode forward over the bucket; hidden [num_seqs, D] of the real rows."""
         if not self.use_cuda_graphs:
             out = self._run(view)
             return out[: view.num_seqs]  # [S, D]
-        key = (view.positions.shape[0], view.meta.block_tables.shape[1])
+        key = tuple(view.block_tables.shape)
         if key not in self._graphs:
             self._graphs[key] = self._capture(view)
         graph, out = self._graphs[key]
@@ -211,20 +223,25 @@ class CompiledDecode:
         return out[: view.num_seqs].clone()  # [S, D]: the graph's output buffer is reused
 
     def _run(self, view: DecodeView) -> torch.Tensor:
-        return self._step(view.input_ids, view.hidden, view.positions, self._kv_caches, view.meta)
+        # Without duck shaping, rows and width never get unified because they happen to be
+        # equal in the first traced bucket (which would force a recompile later).
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            return self._step(view.index, view.block_tables, view.hidden, self._kv_caches)
 
     def _decode_step(
         self,
-        input_ids: torch.Tensor,
+        index: torch.Tensor,
+        block_tables: torch.Tensor,
         hidden: torch.Tensor | None,
-        positions: torch.Tensor,
         kv_caches: list[torch.Tensor],
-        meta: DecodeMetadata,
     ) -> torch.Tensor:
-        """Embed input_ids [B] (first stage) or take hidden [B, D] -> layers -> [B, D]."""
+        """index [5, B] (ids, positions, slots, seq lens, long flags) + block tables [B, W] ->
+        embed (first stage) or take hidden [B, D] -> layers -> [B, D]."""
+        long_mask = index[4] != 0 if self._long_rope_threshold is not None else None  # [B]
+        meta = DecodeMetadata(index[2], block_tables, index[3], long_mask)
         if hidden is None:
-            hidden = self.model.embed_tokens(input_ids)  # [B, D]
-        return self.model.forward_decode(hidden, positions, kv_caches, meta)  # [B, D]
+            hidden = self.model.embed_tokens(index[0])  # [B, D]
+        return self.model.forward_decode(hidden, index[1], kv_caches, meta)  # [B, D]
 
     def _capture(self, view: DecodeView) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up (compile) on a side stream, then capture one bucket's step as a CUDA graph.
@@ -232,7 +249,7 @@ class CompiledDecode:
         The buffers hold this step's real indices, so the warm-up writes the same K/V the replay
         will; the capture itself executes nothing.
         """
-        rows, width = view.positions.shape[0], view.meta.block_tables.shape[1]
+        rows, width = view.block_tables.shape
         logger.info("capturing a CUDA graph for decode bucket (%d rows, %d blocks)", rows, width)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -246,6 +263,17 @@ class CompiledDecode:
         with torch.cuda.graph(graph, pool=self._graph_pool):
             out = self._run(view)
         return graph, out
+
+
+def _own_code(method: DecodeStep) -> DecodeStep:
+    """The bound method over a private copy of its code object. Dynamo keeps compiled entries
+    (and counts recompiles against its limit of 8) per code object, so without this every
+    instance in a process (stages, engines, tests) would share one budget; with it each instance
+    holds its own one or two entries (batch 1 is specialised), freed with it."""
+    func = method.__func__  # type: ignore[attr-defined]
+    code = func.__code__.replace()  # a distinct code object with the same body
+    own = types.FunctionType(code, func.__globals__, func.__name__, func.__defaults__)
+    return types.MethodType(own, method.__self__)  # type: ignore[attr-defined]
 
 
 def _fill_tables(tables: list[list[int]], rows: int, width: int, fill: int) -> np.ndarray:

@@ -27,14 +27,26 @@ class DecodeMetadata:
     long_rope_mask: torch.Tensor | None = None  # [B] bool Phi-3 longrope: long factors per row
 
 
+@torch.library.custom_op("internvl::write_decode_kv", mutates_args=("kv_cache",))
 def write_decode_kv(
     k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """Store the new token's k/v [B, K, d] at `slot_mapping` [B] of the cache, in place."""
+    """Store the new token's k/v [B, K, d] at `slot_mapping` [B] of the cache, in place.
+
+    A custom op that declares its mutation: traced as plain index_copy_ on a view of the cache,
+    inductor functionalizes the write into a copy of the whole cache per layer and step.
+    """
     num_slots = kv_cache.shape[1] * kv_cache.shape[2]
     flat = kv_cache.view(2, num_slots, kv_cache.shape[3], kv_cache.shape[4])  # [2, slots, K, d]
     flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
     flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+
+
+@write_decode_kv.register_fake
+def _write_decode_kv_fake(
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    return None
 
 
 def decode_attention(

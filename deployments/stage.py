@@ -25,6 +25,7 @@ from deployments.device import resolve_device
 from internvl_core.config import EngineConfig
 from internvl_core.engine import LLMEngine, ModelRunner, StructuredOutputs
 from internvl_core.engine.batch import ScheduledBatch, StageOutput
+from internvl_core.engine.compiled_decode import CompiledDecode
 from internvl_core.engine.stage_transport import P2PTransport
 from internvl_core.grounding import GROUNDING_TOKENS
 from internvl_core.model.decoder import DecoderModel
@@ -55,7 +56,12 @@ class StageActor:
         structured = StructuredOutputs.from_checkpoint(
             args.model_path, vocab_size=model.arch.vocab_size
         )
-        self.runner = ModelRunner(model, block_size=args.engine.block_size, structured=structured)
+        self.runner = ModelRunner(
+            model,
+            block_size=args.engine.block_size,
+            structured=structured,
+            compiled_decode=CompiledDecode.from_config(model, args.engine),
+        )
         self.layers = (start_layer, end_layer)
         self.transport: P2PTransport | None = None
         logger.info("stage for layers [%d, %d) ready on %s", start_layer, end_layer, device)

@@ -335,6 +335,12 @@ class EngineConfig(BaseModel):
     enable_prefix_caching: bool = Field(default=True, description="share full prompt blocks")
     enable_chunked_prefill: bool = Field(default=True, description="split long prefills")
     max_waiting_requests: int = Field(default=1024, ge=1, description="queue bound (503 past)")
+    compile_decode: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="decode-only steps padded to batch buckets and run under torch.compile "
+        "(CUDA: replayed as one CUDA graph per bucket); auto = on for CUDA, off for CPU (where "
+        "benchmarks/compile.py measures no gain worth the compile time)",
+    )
 
     def max_model_len_for(self, llm: LLMArchitecture) -> int:
         """The context a replica serves: max_model_len capped by the checkpoint's trained

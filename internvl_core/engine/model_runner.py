@@ -15,6 +15,7 @@ import torch
 
 from internvl_core.config import EngineConfig
 from internvl_core.engine.batch import ModelInput, ScheduledBatch, StageOutput
+from internvl_core.engine.compiled_decode import CompiledDecode
 from internvl_core.engine.kv_cache import (
     KVCache,
     has_explicit_budget,
@@ -45,8 +46,11 @@ class ModelRunner:
         block_size: int,
         sampler: Sampler | None = None,
         structured: StructuredOutputs | None = None,
+        compiled_decode: CompiledDecode | None = None,
     ) -> None:
         self.model = model
+        # Decode-only steps through padded buckets and the compiled forward (None = all eager).
+        self.compiled_decode = compiled_decode
         self.block_size = block_size
         self.device = model.device
         self.kv_cache: KVCache | None = None
@@ -80,9 +84,13 @@ class ModelRunner:
         return plan_num_blocks(config, block_bytes=self.kv_block_bytes(), device=self.device)
 
     def init_kv_cache(self, num_blocks: int) -> None:
-        """Allocate the pool; every stage gets the same count (block tables are shared)."""
-        tensors = self.model.allocate_kv_caches(num_blocks, self.block_size)
+        """Allocate the pool; every stage gets the same count (block tables are shared).
+        With compiled decode one more block, `num_blocks`, takes the padding rows' writes."""
+        extra = 1 if self.compiled_decode is not None else 0
+        tensors = self.model.allocate_kv_caches(num_blocks + extra, self.block_size)
         self.kv_cache = KVCache(tensors, num_blocks, self.block_size)
+        if self.compiled_decode is not None:
+            self.compiled_decode.bind(tensors, scratch_block=num_blocks)
 
     # ---- one step -------------------------------------------------------------------------
     def prepare_input(self, batch: ScheduledBatch) -> ModelInput:
@@ -138,9 +146,12 @@ class ModelRunner:
         for request_id in batch.finished_request_ids:
             self._generators.pop(request_id, None)
         self.structured.free(batch.finished_request_ids)  # structured outputs: drop matchers
+        compiled = self.compiled_decode
+        if compiled is not None and compiled.supports(batch):
+            return self._execute_compiled(compiled, batch, hidden)
         inputs = self.prepare_input(batch)
         if batch.deferred_token_rows:
-            self._fill_deferred(batch, inputs)
+            self._fill_deferred(batch, inputs.input_ids)
         if model.is_first_stage:
             hidden = self._embed(batch, inputs)  # [T, D]
         else:
@@ -149,9 +160,24 @@ class ModelRunner:
         hidden = model(hidden, inputs.positions, self.kv_cache.tensors, inputs.attn)  # [T, D]
         if not model.is_last_stage:
             return StageOutput(batch.batch_id, hidden_states=hidden)
-        return StageOutput(batch.batch_id, sampled=self._sample(batch, hidden, inputs))
+        sampled = self._sample(batch, hidden, inputs.sample_indices)
+        return StageOutput(batch.batch_id, sampled=sampled)
 
-    def _fill_deferred(self, batch: ScheduledBatch, inputs: ModelInput) -> None:
+    def _execute_compiled(
+        self, compiled: CompiledDecode, batch: ScheduledBatch, hidden: torch.Tensor | None
+    ) -> StageOutput:
+        """A decode-only step through the compiled forward (padded rows dropped inside)."""
+        view = compiled.prepare(batch, None if self.model.is_first_stage else hidden)
+        if batch.deferred_token_rows:
+            self._fill_deferred(batch, view.input_ids)
+        hidden = compiled.forward(view)  # [S, D]
+        if not self.model.is_last_stage:
+            return StageOutput(batch.batch_id, hidden_states=hidden)
+        flags = np.array(batch.sample_flags, dtype=bool)  # [S]
+        sample_indices = torch.from_numpy(np.flatnonzero(flags)).to(self.device)  # [num_samples]
+        return StageOutput(batch.batch_id, sampled=self._sample(batch, hidden, sample_indices))
+
+    def _fill_deferred(self, batch: ScheduledBatch, input_ids: torch.Tensor) -> None:
         """Placeholder tokens take the previous batch's sampled ids, without leaving the device."""
         last = self._last_sampled
         assert self.model.is_first_stage and self.model.is_last_stage, "async decode is PP=1"
@@ -160,7 +186,7 @@ class ModelRunner:
         rows = torch.from_numpy(np.array(batch.deferred_token_rows, dtype=np.int64))  # [P]
         sources = torch.from_numpy(np.array(batch.deferred_sample_rows, dtype=np.int64))  # [P]
         rows, sources = rows.to(device), sources.to(device)  # [P], [P]
-        inputs.input_ids[rows] = last[1][sources]
+        input_ids[rows] = last[1][sources]
 
     def _embed(self, batch: ScheduledBatch, inputs: ModelInput) -> torch.Tensor:
         hidden = self.model.embed_tokens(inputs.input_ids)  # [T, D]
@@ -173,13 +199,13 @@ class ModelRunner:
         return hidden
 
     def _sample(
-        self, batch: ScheduledBatch, hidden: torch.Tensor, inputs: ModelInput
+        self, batch: ScheduledBatch, hidden: torch.Tensor, sample_indices: torch.Tensor
     ) -> SamplerOutput:
         assert self.sampler is not None
         if not batch.sampling:
             self._last_sampled = None
             return SamplerOutput(token_ids=[])
-        logits = self.model.compute_logits(hidden[inputs.sample_indices])  # [num_samples, V]
+        logits = self.model.compute_logits(hidden[sample_indices])  # [num_samples, V]
         known = self._generators
         for req in batch.sampling:
             if req.request_id not in known:

@@ -17,6 +17,7 @@ import torch
 
 from internvl_core.config import EngineConfig, LLMArchitecture
 from internvl_core.engine.batch import ScheduledBatch, StageOutput
+from internvl_core.engine.compiled_decode import CompiledDecode
 from internvl_core.engine.model_runner import ModelRunner
 from internvl_core.engine.sampler import SamplerOutput
 from internvl_core.engine.structured import StructuredOutputs
@@ -147,6 +148,11 @@ def build_pipeline(
             arch=arch,
         )
         structured = StructuredOutputs.from_checkpoint(path, vocab_size=arch.vocab_size)
-        runner = ModelRunner(model, block_size=config.block_size, structured=structured)
+        runner = ModelRunner(
+            model,
+            block_size=config.block_size,
+            structured=structured,
+            compiled_decode=CompiledDecode.from_config(model, config),
+        )
         stages.append(LocalStageWorker(runner))
     return Pipeline(stages)

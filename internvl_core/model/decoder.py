@@ -23,6 +23,7 @@ from internvl_core.model.attention import (
     plan_attention,
 )
 from internvl_core.model.attention_metadata import AttentionMetadata
+from internvl_core.model.decode_attention import DecodeMetadata, decode_attention, write_decode_kv
 from internvl_core.model.layers import GatedMLP, RMSNorm
 from internvl_core.model.quantization import QUANTIZATION_MODES, quantize_layer
 from internvl_core.model.rope import RotaryEmbedding, apply_rotary
@@ -79,6 +80,26 @@ class SelfAttention(nn.Module):
         out = paged_attention(q, k, v, kv_cache, attn, self.scale, plan=plan)  # [T, H, d]
         return self.o_proj(out.reshape(num_tokens, q_size))  # [T, D]
 
+    def forward_decode(
+        self,
+        hidden: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: torch.Tensor,
+        meta: DecodeMetadata,
+    ) -> torch.Tensor:
+        """The traceable one-token-per-row variant of `forward`: hidden [B, D] -> [B, D]."""
+        num_rows = hidden.shape[0]
+        qkv = self.qkv_proj(hidden)  # [B, (H + 2K) * d]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(num_rows, self.num_heads, self.head_dim)  # [B, H, d]
+        k = k.view(num_rows, self.num_kv_heads, self.head_dim)  # [B, K, d]
+        v = v.view(num_rows, self.num_kv_heads, self.head_dim)  # [B, K, d]
+        q, k = apply_rotary(q, k, *rope)
+        write_decode_kv(k, v, kv_cache, meta.slot_mapping)
+        out = decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, self.scale)
+        return self.o_proj(out.reshape(num_rows, q_size))  # [B, D]
+
 
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
@@ -103,6 +124,19 @@ class DecoderLayer(nn.Module):
         attended = self.self_attn(self.input_layernorm(hidden), rope, kv_cache, attn, plan=plan)
         hidden = hidden + attended  # [T, D]
         return hidden + self.mlp(self.post_attention_layernorm(hidden))  # [T, D]
+
+    def forward_decode(
+        self,
+        hidden: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: torch.Tensor,
+        meta: DecodeMetadata,
+    ) -> torch.Tensor:
+        attended = self.self_attn.forward_decode(
+            self.input_layernorm(hidden), rope, kv_cache, meta
+        )  # [B, D]
+        hidden = hidden + attended  # [B, D]
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))  # [B, D]
 
 
 class DecoderModel(nn.Module):
@@ -239,6 +273,33 @@ class DecoderModel(nn.Module):
                 "attention backend %s (%s, block_size %d)", self._backends[key], dtype, block_size
             )
         return self._backends[key]
+
+    def forward_decode(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        meta: DecodeMetadata,
+    ) -> torch.Tensor:
+        """`forward` for a decode-only batch (one token per row), traceable with
+        `torch.compile(fullgraph=True)`: no host reads, no Python branches on tensor values.
+        Call `rope.prepare_decode(device)` once before tracing.
+
+        Args:
+            hidden: [B, D] stage input (stage 0: token embeddings).
+            positions: [B] int64 position of each row's token.
+            kv_caches: one [2, num_blocks, block_size, K, d] cache per owned layer.
+            meta: slots, block tables and seq lens of the B rows.
+
+        Returns:
+            [B, D] hidden states; on the last stage after the final norm.
+        """
+        rope = self.rope.decode_cos_sin(positions, meta.long_rope_mask, dtype=hidden.dtype)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden = layer.forward_decode(hidden, rope, kv_cache, meta)  # [B, D]
+        if self.norm is not None:
+            hidden = self.norm(hidden)  # [B, D]
+        return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, D] final hidden states -> [N, V] float32 logits (last stage only)."""

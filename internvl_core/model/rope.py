@@ -131,6 +131,33 @@ class RotaryEmbedding:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [num_tokens, head_dim] for `positions` [num_tokens] int64, cast to `dtype`."""
         inv_freq = self._token_inv_freq(positions, attn)  # [head_dim/2] or [T, head_dim/2]
+        return self._rotate_tables(positions, inv_freq, dtype=dtype)
+
+    def prepare_decode(self, device: torch.device) -> None:
+        """Fill the inverse-frequency cache eagerly, so a traced `decode_cos_sin` only reads it."""
+        for name in ("short", "long") if self.kind == "longrope" else ("base",):
+            self.inv_freq(name, device)
+
+    def decode_cos_sin(
+        self, positions: torch.Tensor, long_mask: torch.Tensor | None, *, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Traceable cos, sin [B, head_dim] for one token per row (no host reads, no branching
+        on tensor values). `dynamic` uses the base frequencies: equal to the original up to
+        max_position_embeddings, which caps the engine's context. Call `prepare_decode` first.
+        """
+        device = positions.device
+        if self.kind == "longrope":
+            inv_freq = self.inv_freq("short", device)  # [head_dim / 2]
+            if long_mask is not None:
+                long = self.inv_freq("long", device)  # [head_dim / 2]
+                inv_freq = torch.where(long_mask[:, None], long, inv_freq)  # [B, head_dim / 2]
+        else:
+            inv_freq = self.inv_freq("base", device)  # [head_dim / 2]
+        return self._rotate_tables(positions, inv_freq, dtype=dtype)
+
+    def _rotate_tables(
+        self, positions: torch.Tensor, inv_freq: torch.Tensor, *, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[:, None].float() * inv_freq  # [T, head_dim / 2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, head_dim]
         cos = emb.cos() * self.attention_factor  # [T, head_dim]

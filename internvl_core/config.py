@@ -338,8 +338,10 @@ class EngineConfig(BaseModel):
     compile_decode: Literal["auto", "on", "off"] = Field(
         default="auto",
         description="decode-only steps padded to batch buckets and run under torch.compile "
-        "(CUDA: replayed as one CUDA graph per bucket); auto = on for CUDA, off for CPU (where "
-        "benchmarks/compile.py measures no gain worth the compile time)",
+        "(CUDA: replayed as one CUDA graph per bucket); auto = off for now: on the CPU "
+        "benchmarks/compile.py measures no gain worth the compile time, and the CUDA graph path "
+        "has not yet run on a GPU (its gpu test and benchmarks/gpu_check.py's graphs mode are "
+        "written; the KV plan does not yet count graph memory). 'on' opts in",
     )
 
     def max_model_len_for(self, llm: LLMArchitecture) -> int:

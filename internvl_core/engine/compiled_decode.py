@@ -59,11 +59,14 @@ def bucket_for(size: int, buckets: list[int]) -> int:
 def resolve_mode(option: str, device: torch.device) -> str:
     """`compile_decode` -> "graphs" (compiled + CUDA graphs), "compiled" or "off".
 
-    auto: CUDA graphs on CUDA; off on CPU, where benchmarks/compile.py (768 wide, 12 layers,
-    384-token context, 2 cores) measured 1.12x eager at batch 1 but 0.90x / 0.79x / 0.74x at
-    8 / 32 / 128 (with inductor freezing 1.16x / 1.04x / 0.87x / 0.86x), after minutes of compile.
+    auto: off. On CPU benchmarks/compile.py (768 wide, 12 layers, 384-token context, 2 cores)
+    measured 1.12x eager at batch 1 but 0.90x / 0.79x / 0.74x at 8 / 32 / 128 (with inductor
+    freezing 1.16x / 1.04x / 0.87x / 0.86x), after minutes of compile. On CUDA the graph path has
+    not run on a GPU yet (no device in the sessions that built it): auto becomes "graphs" there
+    once the gpu test in tests/test_engine_compiled_decode.py and benchmarks/gpu_check.py's
+    graphs mode have passed on an H100/H200.
     """
-    if option == "off" or (option == "auto" and device.type != "cuda"):
+    if option in ("off", "auto"):
         return "off"
     return "graphs" if device.type == "cuda" else "compiled"
 

@@ -193,6 +193,8 @@ class Sequence:
     num_pending_samples: int = 0
     # Where the newest in-flight sample sits: (batch id, row among that batch's samples).
     pending_sample: tuple[int, int] = (-1, -1)
+    # The engine's TokenStops row while the request lives (-1 outside an engine).
+    stop_row: int = -1
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -67,12 +67,16 @@ class Scheduler:
         self._finished_ids: list[str] = []
         self.num_preemptions = 0
         self.last_preempted: list[str] = []  # request ids preempted by the latest schedule()
-        self._busy = False
         self._sampling_requests: dict[str, SamplingRequest] = {}
 
     # ---- queues ---------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
+        # Output counts n with run_ahead_from <= n < run_ahead_until may step on an in-flight
+        # sample: not its last token, and no min_tokens mask or penalty reads the history.
+        params = seq.request.params
+        seq.run_ahead_from = params.max_tokens if _reads_history(params) else params.min_tokens
+        seq.run_ahead_until = params.max_tokens - 1
         self.waiting.append(seq)
 
     @property
@@ -115,8 +119,6 @@ class Scheduler:
         self.last_preempted = []
         budget = self._token_budget()
         rows = _Rows(self._next_batch_id)
-        # Sequences still in flight from earlier batches (not the ones planned in this call).
-        self._busy = any(seq.num_in_flight for seq in self.running)
         budget = self._schedule_running(rows, budget)
         if not self.last_preempted:
             self._schedule_waiting(rows, budget)
@@ -152,12 +154,7 @@ class Scheduler:
 
     def _can_run_ahead(self, seq: Sequence) -> bool:
         """Whether a step may run on the in-flight sample as its input token."""
-        params = seq.request.params
-        num_outputs = len(seq.output_token_ids)
-        if num_outputs + 1 >= params.max_tokens:
-            return False  # the in-flight sample is its last: no speculative step
-        # The sampler would see a history without the in-flight token.
-        return params.min_tokens <= num_outputs and not _reads_history(params)
+        return seq.run_ahead_from <= len(seq.output_token_ids) < seq.run_ahead_until
 
     def _schedule_running(self, rows: _Rows, budget: int) -> int:
         i = 0
@@ -166,11 +163,16 @@ class Scheduler:
         run_ahead = self.async_decode
         while i < len(running) and budget > 0:
             seq = running[i]
-            # Hot (every running sequence, every step): the two decode cases inline, on plain
+            # Hot (every running sequence, every step): the run-ahead decode inline, on plain
             # fields; everything else through `_num_new_tokens`.
-            if seq.num_in_flight == 1 and run_ahead and seq.num_pending_samples == 1:
+            if (
+                run_ahead
+                and seq.num_in_flight == 1
+                and seq.num_pending_samples == 1
+                and seq.run_ahead_from <= len(seq.output_token_ids) < seq.run_ahead_until
+            ):
                 end = seq.num_computed_tokens + seq.num_in_flight_tokens + 1
-                if end <= len(seq.block_table) * block_size and self._can_run_ahead(seq):
+                if end <= len(seq.block_table) * block_size:
                     self._add_run_ahead(rows, seq, end)
                     budget -= 1
                     i += 1
@@ -188,7 +190,7 @@ class Scheduler:
                         break
                     self._preempt(victim)
                 if not manager.can_allocate(need):
-                    if self._busy:
+                    if self._busy(rows):
                         i += 1  # wait for in-flight sequences to return rather than recompute
                     else:
                         self._preempt(seq)  # the newest unscheduled sequence is this one
@@ -201,6 +203,11 @@ class Scheduler:
             budget -= num_new
             i += 1
         return budget
+
+    def _busy(self, rows: _Rows) -> bool:
+        """Whether a running sequence is in flight in an earlier batch (not just planned)."""
+        planned = {id(seq) for seq in rows.seqs}
+        return any(seq.num_in_flight > (id(seq) in planned) for seq in self.running)
 
     def _pick_victim(self, *, after: int) -> Sequence | None:
         """The newest running sequence behind index `after` that is not in flight."""

@@ -129,16 +129,22 @@ class Scheduler:
         return batch
 
     def _token_budget(self) -> int:
-        """This batch's share of the runnable tokens when several micro-batches are in flight."""
+        """With pp_size > 1, this micro-batch's share of the next round's tokens, so that the
+        pp_size micro-batches in flight stay near-equal: each sequence in flight will need about
+        one token, each runnable one its next chunk, each waiting one its prompt. A micro-batch
+        that comes back larger than the share leaves its tail to the next one."""
         budget = self.config.max_num_batched_tokens
-        num_slots = self.config.pp_size - len(self._in_flight)
-        if num_slots <= 1:
+        pp_size = self.config.pp_size
+        if pp_size == 1:
             return budget
-        runnable = sum(
-            seq.num_tokens - seq.num_computed_tokens for seq in self.running if not seq.in_flight
-        )
+        num_in_flight, runnable = 0, 0
+        for seq in self.running:
+            if seq.num_in_flight:
+                num_in_flight += 1
+            else:
+                runnable += len(seq.token_ids) - seq.num_computed_tokens
         runnable += sum(seq.num_tokens for seq in self.waiting)
-        return max(1, min(budget, -(-runnable // num_slots)))
+        return max(1, min(budget, -(-(runnable + num_in_flight) // pp_size)))
 
     def _num_new_tokens(self, seq: Sequence) -> int:
         """Tokens `seq` can run now: 0 while in flight, unless async decoding allows a plain
@@ -227,6 +233,9 @@ class Scheduler:
 
     def _schedule_waiting(self, rows: _Rows, budget: int) -> None:
         manager = self.block_manager
+        # Without chunking a prompt cannot be cut to a micro-batch's share: it may use the rest
+        # of the step's whole budget instead (else a prompt longer than the share never runs).
+        spare = self.config.max_num_batched_tokens - len(rows.input_ids)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             num_hashable = (
@@ -237,7 +246,7 @@ class Scheduler:
             num_new = seq.num_tokens - num_cached
             if self.config.enable_chunked_prefill:
                 num_new = min(num_new, budget)
-            elif num_new > budget:
+            elif num_new > max(budget, spare):
                 break
             need = manager.num_blocks_for(num_cached + num_new) - len(hits)
             if not manager.can_allocate(need, hits):
@@ -255,6 +264,7 @@ class Scheduler:
             self.running.append(seq)
             self._add(rows, seq, num_new)
             budget -= num_new
+            spare -= num_new
 
     def _add_run_ahead(self, rows: _Rows, seq: Sequence, end: int) -> None:
         """A decode step whose input token is the in-flight sample: the stage fills it from the

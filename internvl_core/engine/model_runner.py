@@ -171,11 +171,13 @@ class ModelRunner:
         self, batch: ScheduledBatch, hidden: torch.Tensor, inputs: ModelInput
     ) -> SamplerOutput:
         assert self.sampler is not None
-        if not batch.sampling:
+        requests = batch.sampling
+        if not requests:
             self._last_sampled = None
             return SamplerOutput(token_ids=[])
-        logits = self.model.compute_logits(hidden[inputs.sample_indices])  # [num_samples, V]
-        requests = batch.sampling
+        # Every row samples only in a decode batch where each sequence does: no gather then.
+        sampled_rows = hidden if len(requests) == hidden.shape[0] else hidden[inputs.sample_indices]
+        logits = self.model.compute_logits(sampled_rows)  # [num_samples, V]
         if all(r.plain_greedy for r in requests):
             # The common decode step: no generators, grammar or logits processing to set up.
             chosen = logits.argmax(dim=-1)  # [num_samples]

@@ -353,24 +353,24 @@ class Scheduler:
         caching, block_size = manager.enable_prefix_caching, self.block_size
         grown: list[Sequence] = []
         tokens = iter(sampled_token_ids)
+        token = 0
         for seq, num_new, sample in zip(rows.seqs, rows.query_lens, rows.sample_flags, strict=True):
             # hot: every sequence of every step
             seq.num_in_flight -= 1
             seq.num_in_flight_tokens -= num_new
-            token = None
             if sample:
                 token = next(tokens)
                 seq.num_pending_samples -= 1
             if seq.status in _FINISHED:
                 continue
-            old_full = seq.num_computed_tokens // block_size
-            seq.num_computed_tokens += num_new
-            if caching and seq.num_computed_tokens // block_size > old_full:
-                new_full = seq.num_computed_tokens // block_size
+            computed = seq.num_computed_tokens
+            seq.num_computed_tokens = computed + num_new
+            if caching and (computed + num_new) // block_size > computed // block_size:
+                old_full, new_full = computed // block_size, (computed + num_new) // block_size
                 hashes = seq.full_block_hashes(new_full)
                 for idx in range(old_full, new_full):
                     manager.register(seq.block_table[idx], hashes[idx])
-            if token is not None:
+            if sample:
                 seq.token_ids.append(token)  # Sequence.append_token, inlined
                 seq.output_token_ids.append(token)
                 grown.append(seq)

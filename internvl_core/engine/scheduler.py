@@ -137,13 +137,11 @@ class Scheduler:
         pp_size = self.config.pp_size
         if pp_size == 1:
             return budget
-        num_in_flight, runnable = 0, 0
-        for seq in self.running:
-            if seq.num_in_flight:
-                num_in_flight += 1
-            else:
-                runnable += len(seq.token_ids) - seq.num_computed_tokens
-        runnable += sum(seq.num_tokens for seq in self.waiting)
+        running = self.running
+        # On the critical path between a micro-batch's return and its successor's start.
+        chunks = [len(s.token_ids) - s.num_computed_tokens for s in running if not s.num_in_flight]
+        num_in_flight = len(running) - len(chunks)
+        runnable = sum(chunks) + sum(len(s.token_ids) for s in self.waiting)
         return max(1, min(budget, -(-(runnable + num_in_flight) // pp_size)))
 
     def _num_new_tokens(self, seq: Sequence) -> int:
@@ -183,13 +181,20 @@ class Scheduler:
                     budget -= 1
                     i += 1
                     continue
+            elif not seq.num_in_flight and len(seq.token_ids) - seq.num_computed_tokens == 1:
+                end = seq.num_computed_tokens + 1
+                if end <= len(seq.block_table) * block_size and not seq.request.image_runs:
+                    self._add_decode(rows, seq, end)
+                    budget -= 1
+                    i += 1
+                    continue
             num_new = min(self._num_new_tokens(seq), budget)
             if num_new <= 0:
                 i += 1
                 continue
             end = seq.num_computed_tokens + seq.num_in_flight_tokens + num_new
-            need = manager.num_blocks_for(end) - len(seq.block_table)
-            if need > 0:
+            if end > len(seq.block_table) * block_size:  # (else room left in its last block)
+                need = manager.num_blocks_for(end) - len(seq.block_table)
                 while not manager.can_allocate(need):
                     victim = self._pick_victim(after=i)
                     if victim is None:
@@ -286,6 +291,21 @@ class Scheduler:
         seq.pending_sample = (batch_id, len(sampling))
         request = self._sampling_requests.get(seq.request.request_id)
         sampling.append(request or self._sampling_request(seq))
+
+    def _add_decode(self, rows: _Rows, seq: Sequence, end: int) -> None:
+        """A plain decode step (nothing in flight, its last token known, no image rows): what
+        `_add` does for one token, without the general case's checks."""
+        seq.num_in_flight += 1
+        seq.num_in_flight_tokens += 1
+        seq.num_pending_samples += 1
+        rows.input_ids.append(seq.token_ids[-1])
+        rows.seqs.append(seq)
+        rows.query_lens.append(1)
+        rows.context_lens.append(end - 1)
+        rows.sample_flags.append(True)
+        sampling = rows.sampling
+        seq.pending_sample = (rows.batch_id, len(sampling))
+        sampling.append(self._sampling_request(seq))
 
     def _add(self, rows: _Rows, seq: Sequence, num_new: int) -> None:
         """Plan `num_new` known tokens of `seq` (a prefill chunk or a plain decode step)."""

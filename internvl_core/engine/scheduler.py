@@ -1,3 +1,4 @@
+# Over 400 lines: planning, row building and update share the in-flight counters (issue 12).
 """Continuous batching: waiting/running queues -> one `ScheduledBatch` per step.
 
 FCFS: running sequences first (decodes and unfinished prefill chunks, oldest first), then new

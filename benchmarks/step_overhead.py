@@ -9,9 +9,14 @@ per step (detokenization + stop strings, which run after the next step is submit
 `overlap_step_ms` (period of full `step()`s, output side included, at 256 over a simulated device
 of D ms per step) and the busy fraction of every stage at PP=2 and PP=4 (each stage D ms).
 
-The simulated device: a stage runs the real (tiny) model at submit, as a GPU stage enqueues its
-kernels, and hands a job to a device thread that sleeps D ms (releasing the GIL); the stage's
-output is ready only when that job ends. Jobs of one device run in order, like one CUDA stream.
+The simulated device: with D > 0 each stage hands its job to its own device thread (jobs run in
+submission order, like one CUDA stream), which runs the real runner (input prep, embedding, head,
+sampler; the layers are skipped) and pads the job to D ms with a sleep (releasing the GIL); the
+stage's output is ready only when that job ends. One process and one GIL hold the engine and
+every device thread, where real stage actors are separate processes: a device thread starts a
+job only once it gets the GIL, so the engine's Python work (the output side) can hold a stage
+start back by up to the interpreter's switch interval (5 ms), and on a loaded machine the PP
+busy fractions read low.
 """
 
 from __future__ import annotations

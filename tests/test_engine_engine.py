@@ -337,3 +337,24 @@ def test_async_abort_while_its_step_is_in_flight(tiny_qwen2: Path) -> None:
     assert a_outs[-1].finish_reason == "abort" and sum(o.finished for o in a_outs) == 1
     assert _summary([o for o in outs if o.request_id == "b"])[0] == ref_b.token_ids
     _assert_drained(engine)
+
+
+def test_async_stop_id_at_every_position(tiny_qwen2: Path) -> None:
+    """The vectorised token-level check ends a request at its first stop id, wherever it falls
+    in the run-ahead; stop-table rows are all returned."""
+    engine = _engine(tiny_qwen2, num_kv_blocks=64)
+    prompt = list(range(10, 30))
+    neighbour = (list(range(40, 50)), SamplingParams(max_tokens=10, ignore_eos=True))
+    ref = engine.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True))[0]
+    checked = 0
+    for k, token in enumerate(ref.token_ids):
+        if ref.token_ids.index(token) != k:
+            continue  # an earlier occurrence would stop first
+        params = SamplingParams(max_tokens=8, ignore_eos=True, stop_token_ids=[token])
+        outs = _run(engine, {"a": (prompt, params), "b": neighbour})
+        tokens, _, reason, stop_reason = _summary(outs["a"])
+        assert (tokens, reason, stop_reason) == (ref.token_ids[: k + 1], "stop", token)
+        _assert_drained(engine)
+        assert engine._token_stops.num_live == 0, "stop rows leaked"
+        checked += 1
+    assert checked >= 3

@@ -173,3 +173,24 @@ def test_kv_planning(model: DecoderModel) -> None:
     assert runner.plan_kv_blocks(EngineConfig(kv_cache_memory_bytes=3 * per_block)) == 3
     runner.init_kv_cache(3)
     assert runner.kv_cache is not None and runner.kv_cache.num_bytes == 3 * per_block
+
+
+def test_plain_greedy_batches_skip_the_sampler_set_up(model: DecoderModel) -> None:
+    runner = _runner(model)
+    batch = _batch([2, 2], [0, 0], [[0], [1]], [1, 2, 3, 4])
+    batch.sampling = [
+        SamplingRequest("r0", SamplingParams(seed=1), [], [], ()),
+        SamplingRequest("r1", SamplingParams(), [], [], ()),
+    ]
+    assert all(r.plain_greedy for r in batch.sampling)
+    out = runner.execute(batch)
+    assert runner._generators == {}, "greedy rows never draw: no generator is made"
+    mixed = _runner(model)
+    batch.sampling = [
+        *batch.sampling[:1],
+        SamplingRequest("r1", SamplingParams(top_logprobs=1), [], [], ()),
+    ]
+    assert not batch.sampling[1].plain_greedy
+    ref = mixed.execute(batch)
+    assert out.sampled is not None and ref.sampled is not None
+    assert out.sampled.token_ids == ref.sampled.token_ids

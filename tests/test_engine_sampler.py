@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 
 import pytest
 import torch
@@ -10,10 +11,12 @@ import torch
 from internvl_core.config import SamplingParams
 from internvl_core.engine.sampler import (
     Sampler,
+    SamplerOutput,
     SamplingBatch,
     apply_min_p,
     apply_penalties,
     apply_top_k_top_p,
+    is_plain_greedy,
     make_generator,
 )
 
@@ -246,3 +249,37 @@ def test_make_generator() -> None:
     assert a is not None and b is not None
     assert torch.rand(3, generator=a).tolist() == torch.rand(3, generator=b).tolist()
     assert math.isfinite(torch.rand(1, generator=a).item())
+
+
+def test_output_ids_stay_on_the_device_until_read() -> None:
+    logits = torch.randn(3, VOCAB)
+    out = Sampler()(logits, _batch([SamplingParams()] * 3))
+    expected = logits.argmax(dim=-1).tolist()
+    assert out == SamplerOutput(expected)
+    assert out.token_ids == expected and out.token_ids is out.token_ids  # read back once
+    deferred = SamplerOutput(device_token_ids=logits.argmax(dim=-1))
+    # A Ray stage's reply crosses the wire with host ids.
+    restored = pickle.loads(pickle.dumps(deferred))
+    assert restored.token_ids == expected and restored.logprobs is None
+
+
+@pytest.mark.parametrize(
+    ("params", "plain"),
+    [
+        (SamplingParams(), True),
+        (SamplingParams(seed=3, stop=("x",), max_tokens=4), True),
+        (SamplingParams(temperature=0.5), False),
+        (SamplingParams(min_tokens=1), False),
+        (SamplingParams(repetition_penalty=1.2), False),
+        (SamplingParams(presence_penalty=0.1), False),
+        (SamplingParams(frequency_penalty=0.1), False),
+        (SamplingParams(logprobs=True), False),
+        (SamplingParams(top_logprobs=2), False),
+    ],
+)
+def test_plain_greedy_rows_are_the_argmax(params: SamplingParams, plain: bool) -> None:
+    assert is_plain_greedy(params) is plain
+    logits = torch.randn(2, VOCAB)
+    out = Sampler(seed=0)(logits, _batch([params] * 2, outputs=[[1, 2], [3]], prompts=[[4], [5]]))
+    if plain:
+        assert out.token_ids == logits.argmax(dim=-1).tolist()

@@ -1,11 +1,21 @@
-"""Tests for engine/stop.py: eos / stop ids / stop strings, min_tokens, max_tokens, streaming."""
+"""Tests for engine/stop.py: eos / stop ids / stop strings, min_tokens, max_tokens, streaming,
+and the vectorised token-level check (TokenStops)."""
 
 from __future__ import annotations
 
 import random
 
+import numpy as np
+import pytest
+
 from internvl_core.config import SamplingParams
-from internvl_core.engine.stop import StopChecker, StopDecision, finalize_chat_response
+from internvl_core.engine.sequence import SequenceStatus
+from internvl_core.engine.stop import (
+    StopChecker,
+    StopDecision,
+    TokenStops,
+    finalize_chat_response,
+)
 
 EOS = 92542
 
@@ -140,3 +150,52 @@ def test_finalize_chat_response_matches_original() -> None:
         ("", "<|im_end|>"),
     ]:
         assert finalize_chat_response(text, sep) == text.split(sep)[0].strip()
+
+
+def _token_level(checker: StopChecker, outputs: list[int]) -> SequenceStatus | None:
+    decision = checker.check(outputs, "")
+    return None if decision is None else SequenceStatus.from_finish_reason(decision.finish_reason)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_token_stops_match_the_stop_checker_at_every_position(seed: int) -> None:
+    """The vectorised batch check ends a request exactly where StopChecker does (stop ids after
+    min_tokens, eos unless ignore_eos, max_tokens), for every output count, in one batch."""
+    rng = random.Random(seed)
+    eos = (7,)
+    table = TokenStops(capacity=2)  # grows: more requests than rows, more ids than columns
+    params = [
+        SamplingParams(
+            max_tokens=rng.randint(1, 12),
+            min_tokens=rng.randint(0, 4),
+            ignore_eos=rng.random() < 0.3,
+            stop_token_ids=tuple(rng.sample(range(3, 12), rng.randint(0, 3))),
+        )
+        for _ in range(9)
+    ]
+    rows = [table.add(p, eos_token_ids=eos) for p in params]
+    assert sorted(rows) == list(range(9)) and table.num_live == 9
+    outputs = [[rng.randrange(3, 12) for _ in range(12)] for _ in params]
+    for num in range(1, 13):
+        ended = dict(
+            table.finished(
+                np.array(rows),
+                np.array([out[num - 1] for out in outputs]),
+                np.full(len(rows), num),
+            )
+        )
+        for i, p in enumerate(params):
+            expected = _token_level(StopChecker(p, eos_token_ids=eos), outputs[i][:num])
+            assert ended.get(i) == expected, (p, outputs[i][:num])
+
+
+def test_token_stop_rows_are_reused_after_free() -> None:
+    table = TokenStops(capacity=2)
+    a = table.add(SamplingParams(max_tokens=1), eos_token_ids=(5,))
+    b = table.add(SamplingParams(max_tokens=9, ignore_eos=True), eos_token_ids=(5,))
+    table.free(a)
+    c = table.add(SamplingParams(max_tokens=9), eos_token_ids=(5,))
+    assert c == a and table.num_live == 2
+    # Row c holds c's rules, not a's: one output is not its length, eos stops it; b ignores eos.
+    ended = table.finished(np.array([c, b]), np.array([5, 5]), np.array([1, 1]))
+    assert ended == [(0, SequenceStatus.FINISHED_STOPPED)]

@@ -7,15 +7,12 @@ each stage turns it into `ModelInput` tensors on its own device and answers with
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from internvl_core.config import SamplingParams
+from internvl_core.engine.sampler import SamplerOutput, is_plain_greedy
 from internvl_core.model.attention_metadata import AttentionMetadata
-
-if TYPE_CHECKING:
-    from internvl_core.engine.sampler import SamplerOutput
 
 
 @dataclass(slots=True)
@@ -27,6 +24,12 @@ class SamplingRequest:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     eos_token_ids: tuple[int, ...]
+    # The argmax of the raw logits is the token (no warping, penalties, logprobs or grammar):
+    # decided once per request, so a step reads one flag per row.
+    plain_greedy: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.plain_greedy = is_plain_greedy(self.params) and self.params.structured_output is None
 
 
 @dataclass(slots=True)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 
 from internvl_core.config import EngineConfig, LLMArchitecture, ModelArchitecture, SamplingParams
@@ -24,7 +25,7 @@ from internvl_core.engine.detokenizer import IncrementalDetokenizer, TokenDecode
 from internvl_core.engine.output_processor import (
     OutputProcessor,
     RequestState,
-    TokenOutput,
+    StepTokens,
     make_output,
 )
 from internvl_core.engine.outputs import (
@@ -42,7 +43,7 @@ from internvl_core.engine.pipeline import (
 from internvl_core.engine.sampler import SamplerOutput
 from internvl_core.engine.scheduler import Scheduler
 from internvl_core.engine.sequence import Request, Sequence, SequenceStatus
-from internvl_core.engine.stop import StopChecker
+from internvl_core.engine.stop import StopChecker, TokenStops
 from internvl_core.errors import ContextLengthError, EngineOverloadedError, InvalidRequestError
 from internvl_core.grammar import check_structured_output
 from internvl_core.tokenizer import load_tokenizer
@@ -97,7 +98,8 @@ class LLMEngine:
         self._resubmit_after_fetch = pp_size > 1
         self.scheduler = Scheduler(config, self.block_manager, async_decode=async_decode)
         self._states: dict[str, RequestState] = {}
-        self.output_processor = OutputProcessor(self._states, self.scheduler.finish)
+        self._token_stops = TokenStops(capacity=config.max_num_seqs)
+        self.output_processor = OutputProcessor(self._states, self._finish)
         self._in_flight: deque[PendingBatch] = deque()
         self._aborted_outputs: list[RequestOutput] = []
         self._ids = itertools.count()
@@ -233,6 +235,7 @@ class LLMEngine:
                 spaces_between_special_tokens=params.spaces_between_special_tokens,
             )
         stop = StopChecker(params, eos_token_ids=self.eos_token_ids)
+        seq.stop_row = self._token_stops.add(params, eos_token_ids=self.eos_token_ids)
         self._states[request_id] = RequestState(seq, stop, detokenizer)
         self.scheduler.add(seq)
 
@@ -256,7 +259,7 @@ class LLMEngine:
         if state is None:
             return
         seq = state.seq
-        self.scheduler.finish(seq, status)
+        self._finish(seq, status)
         self._aborted_outputs.append(make_output(state, [], "", None, reason=status.value))
 
     def has_unfinished(self) -> bool:
@@ -269,30 +272,43 @@ class LLMEngine:
         outputs.extend(self.output_processor.process(self.step_tokens()))
         return outputs
 
-    def step_tokens(self) -> list[TokenOutput]:
+    def step_tokens(self) -> StepTokens:
         """The step loop without the output side: plan and submit until `max_in_flight` batches
         are in flight, then read back the oldest; requests ending by a stop id or length are
-        freed here. At PP > 1 the freed slot is refilled at once (before the output side).
-        Aborted requests' outputs wait for `step`."""
+        freed here (one vectorised check over the batch). At PP > 1 the freed slot is refilled
+        at once (before the output side). Aborted requests' outputs wait for `step`."""
         self._submit_ready()
         if not self._in_flight:
-            return []
+            return StepTokens()
         pending = self._in_flight.popleft()
         sampled = self.pipeline.fetch(pending)
-        grown = self.scheduler.update(pending.batch.batch_id, sampled.token_ids)
-        states, finish = self._states, self.scheduler.finish
-        items: list[TokenOutput] = []
-        for seq in grown:  # hot: one pass, plain fields
-            state = states[seq.request.request_id]
-            items.append(TokenOutput(state, seq.token_ids[-1]))
-            status = state.stop.token_status(seq.output_token_ids)
-            if status is not None:
-                finish(seq, status)
+        token_ids = sampled.token_ids  # the host reads the sampled ids back here
+        grown = self.scheduler.update(pending.batch.batch_id, token_ids)
+        num = len(grown)
+        if num != len(token_ids):  # some finished while in flight: their tokens are dropped
+            token_ids = [seq.token_ids[-1] for seq in grown]
+        if num:
+            rows = np.fromiter((seq.stop_row for seq in grown), dtype=np.int64, count=num)  # [N]
+            num_outputs = np.fromiter(
+                (len(seq.output_token_ids) for seq in grown), dtype=np.int64, count=num
+            )  # [N]
+            last_ids = np.array(token_ids, dtype=np.int64)  # [N]
+            finish = self.scheduler.finish
+            for index, status in self._token_stops.finished(rows, last_ids, num_outputs):
+                finish(grown[index], status)
+        step = StepTokens(grown, token_ids)
         if sampled.logprobs is not None or sampled.top_logprobs is not None:
-            _attach_logprobs(items, pending, sampled)
+            _attach_logprobs(step, pending, sampled)
         if self._resubmit_after_fetch:
             self._submit_ready()
-        return items
+        return step
+
+    def _finish(self, seq: Sequence, status: SequenceStatus) -> None:
+        """End a request for good (output side or abort): blocks and its stop row are freed."""
+        self.scheduler.finish(seq, status)
+        if seq.stop_row >= 0:
+            self._token_stops.free(seq.stop_row)
+            seq.stop_row = -1
 
     def _submit_ready(self) -> None:
         """Plan and submit batches until `max_in_flight` are in the pipeline or none can run."""
@@ -354,14 +370,14 @@ class LLMEngine:
         )
 
 
-def _attach_logprobs(
-    items: list[TokenOutput], pending: PendingBatch, sampled: SamplerOutput
-) -> None:
+def _attach_logprobs(step: StepTokens, pending: PendingBatch, sampled: SamplerOutput) -> None:
     rows = {req.request_id: i for i, req in enumerate(pending.batch.sampling)}
-    for item in items:
-        row = rows[item.state.seq.request_id]
-        params = item.state.seq.request.params
-        if params.logprobs and sampled.logprobs:
-            item.logprobs = [sampled.logprobs[row]]
-        if params.top_logprobs and sampled.top_logprobs is not None:
-            item.top_logprobs = [sampled.top_logprobs[row]]
+    logprobs: list[list[float] | None] = []
+    top_logprobs: list[list[list[tuple[int, float]]] | None] = []
+    for seq in step.seqs:
+        row = rows[seq.request_id]
+        params = seq.request.params
+        logprobs.append([sampled.logprobs[row]] if params.logprobs and sampled.logprobs else None)
+        top = params.top_logprobs and sampled.top_logprobs is not None
+        top_logprobs.append([sampled.top_logprobs[row]] if top else None)  # type: ignore[index]
+    step.logprobs, step.top_logprobs = logprobs, top_logprobs

@@ -202,15 +202,22 @@ class ModelRunner:
         self, batch: ScheduledBatch, hidden: torch.Tensor, sample_indices: torch.Tensor
     ) -> SamplerOutput:
         assert self.sampler is not None
-        if not batch.sampling:
+        requests = batch.sampling
+        if not requests:
             self._last_sampled = None
             return SamplerOutput(token_ids=[])
-        logits = self.model.compute_logits(hidden[sample_indices])  # [num_samples, V]
+        # Every row samples only in a decode batch where each sequence does: no gather then.
+        sampled_rows = hidden if len(requests) == hidden.shape[0] else hidden[sample_indices]
+        logits = self.model.compute_logits(sampled_rows)  # [num_samples, V]
+        if all(r.plain_greedy for r in requests):
+            # The common decode step: no generators, grammar or logits processing to set up.
+            chosen = logits.argmax(dim=-1)  # [num_samples]
+            self._last_sampled = (batch.batch_id, chosen)
+            return SamplerOutput(device_token_ids=chosen)
         known = self._generators
-        for req in batch.sampling:
+        for req in requests:
             if req.request_id not in known:
                 known[req.request_id] = make_generator(req.params.seed, self.device)
-        requests = batch.sampling
         sampling = SamplingBatch(
             params=[r.params for r in requests],
             generators=[known[r.request_id] for r in requests],
@@ -223,7 +230,8 @@ class ModelRunner:
         # run-ahead step samples under the updated grammar).
         self.structured.apply_constraints(logits, batch.sampling)
         output = self.sampler(logits, sampling)
-        self.structured.advance(batch.sampling, output.token_ids)
+        if self.structured.num_active:  # (reading the ids back is the host's sync point)
+            self.structured.advance(batch.sampling, output.token_ids)
         self._last_sampled = (batch.batch_id, self.sampler.last_token_ids)
         return output
 

@@ -9,7 +9,7 @@ request through `finish` (as vLLM V1's output processor aborts the request in th
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from internvl_core.engine.detokenizer import IncrementalDetokenizer
 from internvl_core.engine.outputs import RequestOutput
@@ -30,17 +30,18 @@ class RequestState:
 
 
 @dataclass(slots=True)
-class TokenOutput:
-    """One request's new token from the step loop (read back one step behind the device)."""
+class StepTokens:
+    """The step loop's new tokens (read back one step behind the device): `seqs[i]` received
+    `token_ids[i]`; per-sequence logprobs only when some request asked."""
 
-    state: RequestState
-    token: int
-    logprobs: list[float] | None = None
-    top_logprobs: list[list[tuple[int, float]]] | None = None
+    seqs: list[Sequence] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[list[float] | None] | None = None
+    top_logprobs: list[list[list[tuple[int, float]]] | None] | None = None
 
 
 class OutputProcessor:
-    """Turns TokenOutputs into RequestOutputs; drops finished requests from `states`."""
+    """Turns StepTokens into RequestOutputs; drops finished requests from `states`."""
 
     def __init__(
         self,
@@ -51,15 +52,29 @@ class OutputProcessor:
         self.states = states
         self._finish = finish
 
-    def process(self, items: list[TokenOutput]) -> list[RequestOutput]:
-        return [self._advance(item) for item in items]
+    def process(self, step: StepTokens) -> list[RequestOutput]:
+        """One RequestOutput per new token, in the step's order."""
+        states, advance = self.states, self._advance
+        if step.logprobs is None and step.top_logprobs is None:
+            return [
+                advance(states[seq.request.request_id], token, None)
+                for seq, token in zip(step.seqs, step.token_ids, strict=True)
+            ]
+        logprobs = step.logprobs or [None] * len(step.seqs)
+        top = step.top_logprobs or [None] * len(step.seqs)
+        return [
+            advance(
+                states[seq.request.request_id],
+                token,
+                (lp, tp) if lp is not None or tp is not None else None,
+            )
+            for seq, token, lp, tp in zip(step.seqs, step.token_ids, logprobs, top, strict=True)
+        ]
 
-    def _advance(self, item: TokenOutput) -> RequestOutput:
+    def _advance(
+        self, state: RequestState, token: int, logprobs: _Logprobs | None
+    ) -> RequestOutput:
         """Detokenize one new token, apply stop rules, emit the safe text delta."""
-        state, token = item.state, item.token
-        logprobs: _Logprobs | None = None
-        if item.logprobs is not None or item.top_logprobs is not None:
-            logprobs = (item.logprobs, item.top_logprobs)
         seq, detok = state.seq, state.detokenizer
         if detok is not None:
             detok.append(token)

@@ -99,7 +99,8 @@ class Pipeline:
         return PendingBatch(batch, handle)
 
     def fetch(self, pending: PendingBatch) -> SamplerOutput:
-        """Block until the batch leaves the last stage; returns its sampled tokens."""
+        """Block until the batch leaves the last stage; returns its sampled tokens (an
+        in-process stage leaves them on the device until the caller reads `token_ids`)."""
         output = self.stages[-1].fetch(pending.handle)
         assert output.batch_id == pending.batch.batch_id, "stages must keep submission order"
         assert output.sampled is not None, "the last stage samples"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -37,18 +38,61 @@ class SamplingBatch:
     stop_token_ids: list[tuple[int, ...]] = field(default_factory=list)
 
 
-@dataclass(slots=True)
 class SamplerOutput:
     """Chosen ids; logprobs are of the RAW model distribution (log_softmax of the logits before
     min_tokens masking, penalties and temperature), as OpenAI and vLLM report them by default.
 
     `logprobs` / `top_logprobs` are None unless some row asked; then every row is filled
     (`top_logprobs[i]` holds `params[i].top_logprobs` pairs, best first).
+
+    The ids may stay on the device (`device_token_ids`, [N] int64) until `token_ids` is first
+    read: the read-back is the host's sync point, so it happens at fetch, not inside `execute`.
+    Pickling (a Ray stage's reply) reads them back first.
     """
 
-    token_ids: list[int]
-    logprobs: list[float] | None = None
-    top_logprobs: list[list[tuple[int, float]]] | None = None
+    __slots__ = ("_device_token_ids", "_token_ids", "logprobs", "top_logprobs")
+
+    def __init__(
+        self,
+        token_ids: list[int] | None = None,
+        logprobs: list[float] | None = None,
+        top_logprobs: list[list[tuple[int, float]]] | None = None,
+        *,
+        device_token_ids: Tensor | None = None,
+    ) -> None:
+        assert (token_ids is None) != (device_token_ids is None), "host ids or device ids"
+        self._token_ids = token_ids
+        self._device_token_ids = device_token_ids  # [N] int64
+        self.logprobs = logprobs
+        self.top_logprobs = top_logprobs
+
+    @property
+    def token_ids(self) -> list[int]:
+        if self._token_ids is None:
+            assert self._device_token_ids is not None
+            self._token_ids = self._device_token_ids.tolist()
+            self._device_token_ids = None
+        return self._token_ids
+
+    def __reduce__(self) -> tuple[type[SamplerOutput], tuple[Any, ...]]:
+        return (SamplerOutput, (self.token_ids, self.logprobs, self.top_logprobs))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SamplerOutput):
+            return NotImplemented
+        return (self.token_ids, self.logprobs, self.top_logprobs) == (
+            other.token_ids,
+            other.logprobs,
+            other.top_logprobs,
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (
+            f"SamplerOutput(token_ids={self.token_ids!r}, logprobs={self.logprobs!r}, "
+            f"top_logprobs={self.top_logprobs!r})"
+        )
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
@@ -88,10 +132,9 @@ class Sampler:
         # [N]: argmax for an all-greedy batch, else warped and sampled rows
         chosen = processed.argmax(dim=-1) if all_greedy else self._sample(processed, batch)
         self.last_token_ids = chosen
-        token_ids: list[int] = chosen.tolist()
         if raw_logprobs is None:
-            return SamplerOutput(token_ids=token_ids)
-        return _gather_logprobs(raw_logprobs, chosen, params, token_ids)
+            return SamplerOutput(device_token_ids=chosen)
+        return _gather_logprobs(raw_logprobs, chosen, params, chosen.tolist())
 
     def _sample(self, logits: Tensor, batch: SamplingBatch) -> Tensor:
         """Greedy rows take argmax; the others are warped and sampled by the exponential race."""
@@ -150,15 +193,20 @@ class Sampler:
 
 def _needs_processing(params: Sequence[SamplingParams]) -> bool:
     """Whether any row is other than plain greedy: sampled, logprobs, min_tokens or penalties."""
-    return any(
-        p.temperature != 0.0
-        or p.logprobs
-        or p.top_logprobs > 0
-        or p.min_tokens > 0
-        or p.repetition_penalty != 1.0
-        or p.presence_penalty != 0.0
-        or p.frequency_penalty != 0.0
-        for p in params
+    return not all(map(is_plain_greedy, params))
+
+
+def is_plain_greedy(params: SamplingParams) -> bool:
+    """A row whose token is the argmax of its raw logits: greedy, no logprobs, no min_tokens,
+    no penalties (a grammar, applied outside the sampler, is the caller's to check)."""
+    return not (
+        params.temperature != 0.0
+        or params.logprobs
+        or params.top_logprobs > 0
+        or params.min_tokens > 0
+        or params.repetition_penalty != 1.0
+        or params.presence_penalty != 0.0
+        or params.frequency_penalty != 0.0
     )
 
 

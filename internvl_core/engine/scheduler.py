@@ -1,3 +1,4 @@
+# Over 400 lines: planning, row building and update share the in-flight counters (issue 12).
 """Continuous batching: waiting/running queues -> one `ScheduledBatch` per step.
 
 FCFS: running sequences first (decodes and unfinished prefill chunks, oldest first), then new
@@ -15,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,10 +32,21 @@ _FINISHED = tuple(s for s in SequenceStatus if s.is_finished)
 
 
 @dataclass(slots=True)
-class _Scheduled:
-    seq: Sequence
-    num_new_tokens: int
-    sample: bool
+class _Rows:
+    """One batch as it is planned, row by row (sequence s owns rows in the order planned); kept
+    while the batch is in flight, for `update`."""
+
+    batch_id: int
+    seqs: list[Sequence] = field(default_factory=list)
+    input_ids: list[int] = field(default_factory=list)  # [num_tokens]
+    query_lens: list[int] = field(default_factory=list)  # [num_seqs]
+    context_lens: list[int] = field(default_factory=list)  # [num_seqs]
+    sample_flags: list[bool] = field(default_factory=list)  # [num_seqs]
+    sampling: list[SamplingRequest] = field(default_factory=list)  # [num_samples]
+    deferred_rows: list[int] = field(default_factory=list)  # [num_deferred]
+    deferred_sources: list[int] = field(default_factory=list)  # [num_deferred]
+    image_indices: list[int] = field(default_factory=list)  # [num_image_rows]
+    image_parts: list[torch.Tensor] = field(default_factory=list)  # each [rows, D]
 
 
 class Scheduler:
@@ -52,16 +64,20 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._next_batch_id = 0
-        self._in_flight: dict[int, list[_Scheduled]] = {}
+        self._in_flight: dict[int, _Rows] = {}
         self._finished_ids: list[str] = []
         self.num_preemptions = 0
         self.last_preempted: list[str] = []  # request ids preempted by the latest schedule()
-        self._busy = False
         self._sampling_requests: dict[str, SamplingRequest] = {}
 
     # ---- queues ---------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
+        # Output counts n with run_ahead_from <= n < run_ahead_until may step on an in-flight
+        # sample: not its last token, and no min_tokens mask or penalty reads the history.
+        params = seq.request.params
+        seq.run_ahead_from = params.max_tokens if _reads_history(params) else params.min_tokens
+        seq.run_ahead_until = params.max_tokens - 1
         self.waiting.append(seq)
 
     @property
@@ -103,87 +119,107 @@ class Scheduler:
         """Plan the next step, or None if nothing can run now (all in flight or no work)."""
         self.last_preempted = []
         budget = self._token_budget()
-        plan: list[_Scheduled] = []
-        # Sequences still in flight from earlier batches (not the ones planned in this call).
-        self._busy = any(seq.in_flight for seq in self.running)
-        budget = self._schedule_running(plan, budget)
+        rows = _Rows(self._next_batch_id)
+        budget = self._schedule_running(rows, budget)
         if not self.last_preempted:
-            self._schedule_waiting(plan, budget)
-        if not plan:
+            self._schedule_waiting(rows, budget)
+        if not rows.seqs:
             return None
-        batch = self._build_batch(plan)
-        self._in_flight[batch.batch_id] = plan
+        batch = self._build_batch(rows)
+        self._in_flight[batch.batch_id] = rows
         return batch
 
     def _token_budget(self) -> int:
-        """This batch's share of the runnable tokens when several micro-batches are in flight."""
+        """With pp_size > 1, this micro-batch's share of the next round's tokens, so that the
+        pp_size micro-batches in flight stay near-equal: each sequence in flight will need about
+        one token, each runnable one its next chunk, each waiting one its prompt. A micro-batch
+        that comes back larger than the share leaves its tail to the next one."""
         budget = self.config.max_num_batched_tokens
-        num_slots = self.config.pp_size - len(self._in_flight)
-        if num_slots <= 1:
+        pp_size = self.config.pp_size
+        if pp_size == 1:
             return budget
-        runnable = sum(
-            seq.num_tokens - seq.num_computed_tokens for seq in self.running if not seq.in_flight
-        )
-        runnable += sum(seq.num_tokens for seq in self.waiting)
-        return max(1, min(budget, -(-runnable // num_slots)))
+        running = self.running
+        # On the critical path between a micro-batch's return and its successor's start.
+        chunks = [len(s.token_ids) - s.num_computed_tokens for s in running if not s.num_in_flight]
+        num_in_flight = len(running) - len(chunks)
+        runnable = sum(chunks) + sum(len(s.token_ids) for s in self.waiting)
+        return max(1, min(budget, -(-(runnable + num_in_flight) // pp_size)))
 
     def _num_new_tokens(self, seq: Sequence) -> int:
         """Tokens `seq` can run now: 0 while in flight, unless async decoding allows a plain
         next step (known tokens or the one in-flight sample as placeholder)."""
-        # Hot (every running sequence, every step): plain fields, no properties.
         num_in_flight = seq.num_in_flight
         if not num_in_flight:
             return len(seq.token_ids) - seq.num_computed_tokens
         if num_in_flight > 1 or not self.async_decode:
             return 0
         if seq.num_pending_samples:
-            params = seq.request.params
-            num_outputs = len(seq.output_token_ids)
-            if num_outputs + 1 >= params.max_tokens:
-                return 0  # the in-flight sample is its last: no speculative step
-            if params.min_tokens > num_outputs or _reads_history(params):
-                return 0  # the sampler would see a history without the in-flight token
-            return 1
+            return 1 if self._can_run_ahead(seq) else 0
         return len(seq.token_ids) - seq.num_computed_tokens - seq.num_in_flight_tokens
 
-    def _schedule_running(self, plan: list[_Scheduled], budget: int) -> int:
+    def _can_run_ahead(self, seq: Sequence) -> bool:
+        """Whether a step may run on the in-flight sample as its input token."""
+        return seq.run_ahead_from <= len(seq.output_token_ids) < seq.run_ahead_until
+
+    def _schedule_running(self, rows: _Rows, budget: int) -> int:
         i = 0
         manager = self.block_manager
-        running, block_size, num_new_tokens = self.running, self.block_size, self._num_new_tokens
+        running, block_size = self.running, self.block_size
+        run_ahead = self.async_decode
         while i < len(running) and budget > 0:
             seq = running[i]
-            num_new = min(num_new_tokens(seq), budget)
+            # Hot (every running sequence, every step): the run-ahead decode inline, on plain
+            # fields; everything else through `_num_new_tokens`.
+            if (
+                run_ahead
+                and seq.num_in_flight == 1
+                and seq.num_pending_samples == 1
+                and seq.run_ahead_from <= len(seq.output_token_ids) < seq.run_ahead_until
+            ):
+                end = seq.num_computed_tokens + seq.num_in_flight_tokens + 1
+                if end <= len(seq.block_table) * block_size:
+                    self._add_run_ahead(rows, seq, end)
+                    budget -= 1
+                    i += 1
+                    continue
+            elif not seq.num_in_flight and len(seq.token_ids) - seq.num_computed_tokens == 1:
+                end = seq.num_computed_tokens + 1
+                if end <= len(seq.block_table) * block_size and not seq.request.image_runs:
+                    self._add_decode(rows, seq, end)
+                    budget -= 1
+                    i += 1
+                    continue
+            num_new = min(self._num_new_tokens(seq), budget)
             if num_new <= 0:
                 i += 1
                 continue
             end = seq.num_computed_tokens + seq.num_in_flight_tokens + num_new
-            if end <= len(seq.block_table) * block_size:
-                # The common decode step: room left in its last block (what `_plan` does).
-                seq.num_in_flight += 1
-                seq.num_in_flight_tokens += num_new
-                plan.append(
-                    _Scheduled(seq, num_new, end == len(seq.token_ids) + seq.num_pending_samples)
-                )
-                budget -= num_new
-                i += 1
-                continue
-            need = manager.num_blocks_for(end) - len(seq.block_table)
-            while not self.block_manager.can_allocate(need):
-                victim = self._pick_victim(after=i)
-                if victim is None:
-                    break
-                self._preempt(victim)
-            if not self.block_manager.can_allocate(need):
-                if self._busy:
-                    i += 1  # wait for in-flight sequences to return rather than recompute
-                else:
-                    self._preempt(seq)  # the newest unscheduled sequence is this one
-                continue
-            seq.block_table.extend(self.block_manager.allocate(need))
-            plan.append(self._plan(seq, num_new))
+            if end > len(seq.block_table) * block_size:  # (else room left in its last block)
+                need = manager.num_blocks_for(end) - len(seq.block_table)
+                while not manager.can_allocate(need):
+                    victim = self._pick_victim(after=i)
+                    if victim is None:
+                        break
+                    self._preempt(victim)
+                if not manager.can_allocate(need):
+                    if self._busy(rows):
+                        i += 1  # wait for in-flight sequences to return rather than recompute
+                    else:
+                        self._preempt(seq)  # the newest unscheduled sequence is this one
+                    continue
+                seq.block_table.extend(manager.allocate(need))
+            if end > len(seq.token_ids):  # a run-ahead step that starts a new block
+                self._add_run_ahead(rows, seq, end)
+            else:
+                self._add(rows, seq, num_new)
             budget -= num_new
             i += 1
         return budget
+
+    def _busy(self, rows: _Rows) -> bool:
+        """Whether a running sequence is in flight in an earlier batch (not just planned)."""
+        planned = {id(seq) for seq in rows.seqs}
+        return any(seq.num_in_flight > (id(seq) in planned) for seq in self.running)
 
     def _pick_victim(self, *, after: int) -> Sequence | None:
         """The newest running sequence behind index `after` that is not in flight."""
@@ -201,8 +237,11 @@ class Scheduler:
         self.last_preempted.append(seq.request_id)
         logger.debug("preempted %s (recompute %d tokens)", seq.request_id, seq.num_tokens)
 
-    def _schedule_waiting(self, plan: list[_Scheduled], budget: int) -> None:
+    def _schedule_waiting(self, rows: _Rows, budget: int) -> None:
         manager = self.block_manager
+        # Without chunking a prompt cannot be cut to a micro-batch's share: it may use the rest
+        # of the step's whole budget instead (else a prompt longer than the share never runs).
+        spare = self.config.max_num_batched_tokens - len(rows.input_ids)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             num_hashable = (
@@ -213,7 +252,7 @@ class Scheduler:
             num_new = seq.num_tokens - num_cached
             if self.config.enable_chunked_prefill:
                 num_new = min(num_new, budget)
-            elif num_new > budget:
+            elif num_new > max(budget, spare):
                 break
             need = manager.num_blocks_for(num_cached + num_new) - len(hits)
             if not manager.can_allocate(need, hits):
@@ -229,76 +268,94 @@ class Scheduler:
                 seq.first_scheduled_time = time.monotonic()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            plan.append(self._plan(seq, num_new))
+            self._add(rows, seq, num_new)
             budget -= num_new
+            spare -= num_new
 
-    def _plan(self, seq: Sequence, num_new: int) -> _Scheduled:
-        end = seq.num_scheduled_tokens + num_new
-        sample = end == seq.num_tokens + seq.num_pending_samples
+    def _add_run_ahead(self, rows: _Rows, seq: Sequence, end: int) -> None:
+        """A decode step whose input token is the in-flight sample: the stage fills it from the
+        previous batch's sampled ids on the device."""
+        batch_id = rows.batch_id
+        source_batch, source_row = seq.pending_sample
+        assert source_batch == batch_id - 1
+        seq.num_in_flight += 1
+        seq.num_in_flight_tokens += 1
+        seq.num_pending_samples += 1
+        rows.deferred_rows.append(len(rows.input_ids))
+        rows.deferred_sources.append(source_row)
+        rows.input_ids.append(0)
+        rows.seqs.append(seq)
+        rows.query_lens.append(1)
+        rows.context_lens.append(end - 1)
+        rows.sample_flags.append(True)
+        sampling = rows.sampling
+        seq.pending_sample = (batch_id, len(sampling))
+        request = self._sampling_requests.get(seq.request.request_id)
+        sampling.append(request or self._sampling_request(seq))
+
+    def _add_decode(self, rows: _Rows, seq: Sequence, end: int) -> None:
+        """A plain decode step (nothing in flight, its last token known, no image rows): what
+        `_add` does for one token, without the general case's checks."""
+        seq.num_in_flight += 1
+        seq.num_in_flight_tokens += 1
+        seq.num_pending_samples += 1
+        rows.input_ids.append(seq.token_ids[-1])
+        rows.seqs.append(seq)
+        rows.query_lens.append(1)
+        rows.context_lens.append(end - 1)
+        rows.sample_flags.append(True)
+        sampling = rows.sampling
+        seq.pending_sample = (rows.batch_id, len(sampling))
+        sampling.append(self._sampling_request(seq))
+
+    def _add(self, rows: _Rows, seq: Sequence, num_new: int) -> None:
+        """Plan `num_new` known tokens of `seq` (a prefill chunk or a plain decode step)."""
+        start = seq.num_computed_tokens + seq.num_in_flight_tokens
+        end = start + num_new
+        sample = end == len(seq.token_ids) + seq.num_pending_samples
+        assert end <= len(seq.token_ids), "known tokens only: run-ahead steps are planned apart"
         seq.num_in_flight += 1
         seq.num_in_flight_tokens += num_new
-        return _Scheduled(seq, num_new, sample)
+        input_ids = rows.input_ids
+        if seq.request.image_runs:
+            positions, image_rows = seq.image_rows(start, end)
+            if image_rows:
+                offset = len(input_ids) - start
+                rows.image_indices.extend(p + offset for p in positions)
+                embeds = seq.request.image_embeds
+                assert embeds is not None
+                rows.image_parts.append(embeds[image_rows[0] : image_rows[-1] + 1])  # [rows, D]
+        if num_new == 1:
+            input_ids.append(seq.token_ids[start])
+        else:
+            input_ids.extend(seq.token_ids[start:end])
+        rows.seqs.append(seq)
+        rows.query_lens.append(num_new)
+        rows.context_lens.append(start)
+        rows.sample_flags.append(sample)
+        if sample:
+            seq.num_pending_samples += 1
+            seq.pending_sample = (rows.batch_id, len(rows.sampling))
+            rows.sampling.append(self._sampling_request(seq))
 
-    def _build_batch(self, plan: list[_Scheduled]) -> ScheduledBatch:
-        batch_id = self._next_batch_id
-        input_ids: list[int] = []
-        image_indices: list[int] = []
-        image_parts: list[torch.Tensor] = []
-        sampling: list[SamplingRequest] = []
-        deferred_rows: list[int] = []
-        deferred_sources: list[int] = []
-        context_lens: list[int] = []
-        cached_requests = self._sampling_requests
-        for item in plan:  # hot: plain fields, no properties
-            seq = item.seq
-            end = seq.num_computed_tokens + seq.num_in_flight_tokens  # _plan counted this item
-            start = end - item.num_new_tokens
-            context_lens.append(start)
-            if seq.num_pending_samples and end > len(seq.token_ids):
-                # The token at `start` is the in-flight sample: the stage fills it on the device.
-                source_batch, source_row = seq.pending_sample
-                assert item.num_new_tokens == 1 and source_batch == batch_id - 1
-                deferred_rows.append(len(input_ids))
-                deferred_sources.append(source_row)
-                input_ids.append(0)
-                if item.sample:
-                    seq.num_pending_samples += 1
-                    seq.pending_sample = (batch_id, len(sampling))
-                    request = cached_requests.get(seq.request.request_id)
-                    sampling.append(request or self._sampling_request(seq))
-                continue
-            if seq.request.image_runs:
-                positions, rows = seq.image_rows(start, end)
-                if rows:
-                    offset = len(input_ids) - start
-                    image_indices.extend(p + offset for p in positions)
-                    embeds = seq.request.image_embeds
-                    assert embeds is not None
-                    image_parts.append(embeds[rows[0] : rows[-1] + 1])  # [rows, D]
-            if item.num_new_tokens == 1:
-                input_ids.append(seq.token_ids[start])
-            else:
-                input_ids.extend(seq.token_ids[start:end])
-            if item.sample:
-                seq.num_pending_samples += 1
-                seq.pending_sample = (batch_id, len(sampling))
-                sampling.append(self._sampling_request(seq))
+    def _build_batch(self, rows: _Rows) -> ScheduledBatch:
+        seqs = rows.seqs
         batch = ScheduledBatch(
-            batch_id=batch_id,
-            request_ids=[p.seq.request.request_id for p in plan],
-            input_token_ids=input_ids,
-            query_lens=[p.num_new_tokens for p in plan],
-            context_lens=context_lens,
-            prompt_lens=[len(p.seq.request.prompt_token_ids) for p in plan],
-            block_tables=[p.seq.block_table.copy() for p in plan],
-            sample_flags=[p.sample for p in plan],
-            sampling=sampling,
+            batch_id=rows.batch_id,
+            request_ids=[seq.request.request_id for seq in seqs],
+            input_token_ids=rows.input_ids,
+            query_lens=rows.query_lens,
+            context_lens=rows.context_lens,
+            prompt_lens=[len(seq.request.prompt_token_ids) for seq in seqs],
+            block_tables=[seq.block_table.copy() for seq in seqs],
+            sample_flags=rows.sample_flags,
+            sampling=rows.sampling,
             block_size=self.block_size,
-            image_embeds=torch.cat(image_parts) if image_parts else None,  # [num_rows, D]
-            image_token_indices=image_indices,
+            image_embeds=torch.cat(rows.image_parts) if rows.image_parts else None,  # [rows, D]
+            image_token_indices=rows.image_indices,
             finished_request_ids=self._finished_ids,
-            deferred_token_rows=deferred_rows,
-            deferred_sample_rows=deferred_sources,
+            deferred_token_rows=rows.deferred_rows,
+            deferred_sample_rows=rows.deferred_sources,
         )
         self._finished_ids = []
         self._next_batch_id += 1
@@ -311,30 +368,30 @@ class Scheduler:
         Returns the sequences that received a token (the engine checks them for stops);
         sequences finished while the batch was in flight are skipped.
         """
-        plan = self._in_flight.pop(batch_id)
+        rows = self._in_flight.pop(batch_id)
+        assert len(sampled_token_ids) == len(rows.sampling), "one sampled token per sample"
         manager = self.block_manager
         caching, block_size = manager.enable_prefix_caching, self.block_size
         grown: list[Sequence] = []
         tokens = iter(sampled_token_ids)
-        for item in plan:  # hot: every sequence of every step
-            seq, num_new = item.seq, item.num_new_tokens
+        token = 0
+        for seq, num_new, sample in zip(rows.seqs, rows.query_lens, rows.sample_flags, strict=True):
+            # hot: every sequence of every step
             seq.num_in_flight -= 1
             seq.num_in_flight_tokens -= num_new
-            token = None
-            if item.sample:
-                token = next(tokens, None)
-                assert token is not None, "fewer sampled tokens than samples"
+            if sample:
+                token = next(tokens)
                 seq.num_pending_samples -= 1
             if seq.status in _FINISHED:
                 continue
-            old_full = seq.num_computed_tokens // block_size
-            seq.num_computed_tokens += num_new
-            new_full = seq.num_computed_tokens // block_size
-            if caching and new_full > old_full:
+            computed = seq.num_computed_tokens
+            seq.num_computed_tokens = computed + num_new
+            if caching and (computed + num_new) // block_size > computed // block_size:
+                old_full, new_full = computed // block_size, (computed + num_new) // block_size
                 hashes = seq.full_block_hashes(new_full)
                 for idx in range(old_full, new_full):
                     manager.register(seq.block_table[idx], hashes[idx])
-            if token is not None:
+            if sample:
                 seq.token_ids.append(token)  # Sequence.append_token, inlined
                 seq.output_token_ids.append(token)
                 grown.append(seq)

@@ -193,6 +193,12 @@ class Sequence:
     num_pending_samples: int = 0
     # Where the newest in-flight sample sits: (batch id, row among that batch's samples).
     pending_sample: tuple[int, int] = (-1, -1)
+    # The engine's TokenStops row while the request lives (-1 outside an engine).
+    stop_row: int = -1
+    # Output counts [from, until) at which a step may run on an in-flight sample (set by the
+    # scheduler from the params; the empty range outside one).
+    run_ahead_from: int = 0
+    run_ahead_until: int = 0
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -1,11 +1,14 @@
 """Stop rules: output ids + detokenized text -> finish ("stop" at eos / stop id / stop string, or
-"length" at max_tokens), plus the original `chat()` response post-processing.
+"length" at max_tokens), plus the original `chat()` response post-processing. The step loop's
+token-level part runs over a whole batch at once (`TokenStops`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
+
+import numpy as np
 
 from internvl_core.config import SamplingParams
 from internvl_core.engine.sequence import SequenceStatus
@@ -35,16 +38,6 @@ class StopChecker:
         self._stop_ids = frozenset((*params.stop_token_ids, *eos))
         self._stop_strings = tuple(s for s in params.stop if s)
         self._checked_len = 0  # text length seen by the previous `check`
-
-    def token_status(self, output_token_ids: list[int]) -> SequenceStatus | None:
-        """The step loop's part of `check`: a stop id or max_tokens ends the request (stop
-        strings are the output side's); `check` still decides the reason and text."""
-        num_outputs = len(output_token_ids)
-        if num_outputs > self._params.min_tokens and output_token_ids[-1] in self._stop_ids:
-            return SequenceStatus.FINISHED_STOPPED
-        if num_outputs >= self._params.max_tokens:
-            return SequenceStatus.FINISHED_LENGTH
-        return None
 
     def check(self, output_token_ids: list[int], text: str) -> StopDecision | None:
         """Decide after the newest token. `text` is the sequence's detokenized text so far; only
@@ -100,6 +93,63 @@ class StopChecker:
                     hold = size
                     break
         return len(text) - hold
+
+
+class TokenStops:
+    """The step loop's stop rules, one numpy row per live request: a stop id (after min_tokens
+    outputs) ends it with "stop", max_tokens with "length". `finished` checks a whole batch with
+    a few array ops; stop strings stay with `StopChecker` on the output side."""
+
+    def __init__(self, capacity: int = 64) -> None:
+        self._max_tokens = np.zeros(capacity, dtype=np.int64)  # [rows]
+        self._min_tokens = np.zeros(capacity, dtype=np.int64)  # [rows]
+        self._stop_ids = np.full((capacity, 1), -1, dtype=np.int64)  # [rows, max_stop_ids]
+        self._free = list(range(capacity - 1, -1, -1))
+
+    @property
+    def num_live(self) -> int:
+        return len(self._max_tokens) - len(self._free)
+
+    def add(self, params: SamplingParams, *, eos_token_ids: tuple[int, ...]) -> int:
+        """A row for a new request (as `StopChecker`: eos ids unless ignore_eos); its index."""
+        ids = (*params.stop_token_ids, *(() if params.ignore_eos else eos_token_ids))
+        if not self._free:
+            self._grow(rows=2 * len(self._max_tokens), width=self._stop_ids.shape[1])
+        if len(ids) > self._stop_ids.shape[1]:
+            self._grow(rows=len(self._max_tokens), width=len(ids))
+        row = self._free.pop()
+        self._max_tokens[row] = params.max_tokens
+        self._min_tokens[row] = params.min_tokens
+        self._stop_ids[row] = -1  # token ids are never negative
+        self._stop_ids[row, : len(ids)] = ids
+        return row
+
+    def free(self, row: int) -> None:
+        self._free.append(row)
+
+    def finished(
+        self, rows: np.ndarray, last_ids: np.ndarray, num_outputs: np.ndarray
+    ) -> list[tuple[int, SequenceStatus]]:
+        """(batch index, status) of the requests that end at their newest token.
+
+        Args:
+            rows: [N] each request's row; last_ids: [N] its newest output id;
+            num_outputs: [N] its output count including that id.
+        """
+        stopped = (self._stop_ids[rows] == last_ids[:, None]).any(axis=1)  # [N]
+        stopped &= num_outputs > self._min_tokens[rows]
+        ended = np.flatnonzero(stopped | (num_outputs >= self._max_tokens[rows]))  # [num_ended]
+        stop, length = SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH
+        return [(i, stop if stopped[i] else length) for i in ended.tolist()]
+
+    def _grow(self, *, rows: int, width: int) -> None:
+        old_rows, old_width = self._stop_ids.shape
+        stop_ids = np.full((rows, width), -1, dtype=np.int64)  # [rows, width]
+        stop_ids[:old_rows, :old_width] = self._stop_ids
+        self._stop_ids = stop_ids
+        self._max_tokens = np.resize(self._max_tokens, rows)  # [rows]
+        self._min_tokens = np.resize(self._min_tokens, rows)  # [rows]
+        self._free.extend(range(rows - 1, old_rows - 1, -1))
 
 
 def finalize_chat_response(text: str, sep: str) -> str:

@@ -389,6 +389,8 @@ def _kernel_attention(
         scale,
         out,
     )
+    if not plan.prefills:
+        return out
     gqa = q.shape[1] != k.shape[1]
     num_slots = kv_cache.shape[1] * kv_cache.shape[2]
     flat = kv_cache.view(2, num_slots, kv_cache.shape[3], kv_cache.shape[4])  # [2, slots, K, d]

@@ -69,6 +69,14 @@ class SelfAttention(nn.Module):
         *,
         plan: AttentionPlan,
     ) -> torch.Tensor:
+        q, k, v = self._rotated_qkv(hidden, rope)
+        out = paged_attention(q, k, v, kv_cache, attn, self.scale, plan=plan)  # [T, H, d]
+        return self.o_proj(out.flatten(1))  # [T, D]
+
+    def _rotated_qkv(
+        self, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden [T, D] -> q [T, H, d], k [T, K, d] (both rotated), v [T, K, d]."""
         num_tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden)  # [T, (H + 2K) * d]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -77,8 +85,7 @@ class SelfAttention(nn.Module):
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, d]
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, d]
         q, k = apply_rotary(q, k, *rope)
-        out = paged_attention(q, k, v, kv_cache, attn, self.scale, plan=plan)  # [T, H, d]
-        return self.o_proj(out.reshape(num_tokens, q_size))  # [T, D]
+        return q, k, v
 
     def forward_decode(
         self,
@@ -88,17 +95,10 @@ class SelfAttention(nn.Module):
         meta: DecodeMetadata,
     ) -> torch.Tensor:
         """The traceable one-token-per-row variant of `forward`: hidden [B, D] -> [B, D]."""
-        num_rows = hidden.shape[0]
-        qkv = self.qkv_proj(hidden)  # [B, (H + 2K) * d]
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(num_rows, self.num_heads, self.head_dim)  # [B, H, d]
-        k = k.view(num_rows, self.num_kv_heads, self.head_dim)  # [B, K, d]
-        v = v.view(num_rows, self.num_kv_heads, self.head_dim)  # [B, K, d]
-        q, k = apply_rotary(q, k, *rope)
+        q, k, v = self._rotated_qkv(hidden, rope)  # [B, H, d], [B, K, d], [B, K, d]
         write_decode_kv(k, v, kv_cache, meta.slot_mapping)
         out = decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, self.scale)
-        return self.o_proj(out.reshape(num_rows, q_size))  # [B, D]
+        return self.o_proj(out.flatten(1))  # [B, D]
 
 
 class DecoderLayer(nn.Module):

@@ -103,7 +103,9 @@ def scraped(tiny_qwen2: Path) -> Iterator[tuple[list[int], dict[str, float]]]:
 
         def idle() -> bool:  # the gauges refresh on their own after the disconnect's abort
             result.update(scrape(metrics_port))
-            return result.get("ray_internvl_kv_blocks_used") == 0
+            # gauges and counters reach the exporter on their own timers: wait for both
+            counted = "ray_internvl_prefix_cache_queried_tokens_total" in result
+            return result.get("ray_internvl_kv_blocks_used") == 0 and counted
 
         wait_until(exported, timeout_s=EXPORT_WAIT_S, interval_s=0.5)
         wait_until(idle, timeout_s=EXPORT_WAIT_S, interval_s=0.5)

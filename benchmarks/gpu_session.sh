@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One lent-GPU session's checks in one call, under one deadline (device time is scarce).
+#
+#   bash benchmarks/gpu_session.sh [SECONDS]     (default 520; results and logs under $OUT)
+#
+# The device image has its own torch and no Ray: wheels for the few pure-Python packages the
+# code imports (pydantic, xgrammar and their needs) travel in .whl/ (see gpu_check.py's doc);
+# without Ray, gpu_check's pp_hop section measures the in-process host round trip instead.
+# Order: what matters most first; every step is bounded by what is left of the deadline, so a
+# slow compile at the end cannot cost the earlier numbers.
+set -u
+DEADLINE=$(($(date +%s) + ${1:-520}))
+OUT=${OUT:-/tmp/gpu_session}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl >"$OUT/pip.log" 2>&1 || echo "wheel install failed"
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+
+step() {  # step NAME CAP_SECONDS COMMAND...: run with timeout min(CAP, time left), log to $OUT
+    local name=$1 cap=$2
+    shift 2
+    local left=$((DEADLINE - $(date +%s)))
+    [ "$left" -lt "$cap" ] && cap=$left
+    if [ "$cap" -le 5 ]; then
+        echo "== $name: skipped (deadline)"
+        return
+    fi
+    local start=$(date +%s)
+    timeout "$cap" "$@" >"$OUT/$name.out" 2>"$OUT/$name.err"
+    echo "== $name: rc=$? in $(($(date +%s) - start)) s (cap $cap s)"
+}
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
+    python3 -c "import sys, torch, inspect; from torch.nn.attention import varlen; \
+print(sys.version.split()[0], torch.__version__, torch.version.cuda); \
+print(inspect.signature(varlen.varlen_attn))"
+} >"$OUT/probe.out" 2>&1
+cat "$OUT/probe.out"
+step attention 110 python3 benchmarks/gpu_check.py --sections attention
+step eager 150 python3 benchmarks/gpu_check.py --sections decoder,kv --decode-modes eager
+step pp_hop 40 python3 benchmarks/gpu_check.py --sections pp_hop
+step pytest_gpu 170 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
+    tests/test_model_varlen_attention.py tests/test_engine_memory_plan.py \
+    tests/test_engine_compiled_decode.py tests/test_vision_encoder.py tests/test_testing_tiny.py \
+    tests/test_engine_stage_transport.py
+step graphs 400 python3 benchmarks/gpu_check.py --sections decoder --decode-modes graphs
+tail -n 15 "$OUT/pytest_gpu.out"
+for f in attention eager pp_hop graphs; do
+    echo "== $f"
+    tail -c 3000 "$OUT/$f.out"
+    grep -iE "error|warn" "$OUT/$f.err" | sort | uniq -c | head -5
+done

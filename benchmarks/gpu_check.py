@@ -255,6 +255,7 @@ def check_kv_plan(runner: ModelRunner, config: EngineConfig) -> dict:
             weights_gib=round(plan.weights_bytes / GIB, 2),
             activation_peak_gib=round(plan.activation_peak_bytes / GIB, 2),
             other_gib=round(plan.other_bytes / GIB, 2),
+            graph_gib=round(plan.graph_bytes / GIB, 2),
             kv_gib=round(plan.kv_bytes / GIB, 2),
             total_gib=round(plan.total_bytes / GIB, 2),
         )

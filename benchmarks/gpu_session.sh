@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lent-GPU session's checks in one call, under one deadline (device time is scarce).
 #
-#   bash benchmarks/gpu_session.sh [SECONDS]     (default 520; results and logs under $OUT)
+#   [SKIP="pp_hop ..."] bash benchmarks/gpu_session.sh [SECONDS]   (default 520; logs in $OUT)
 #
 # The device image has its own torch and no Ray: wheels for the few pure-Python packages the
 # code imports (pydantic, xgrammar and their needs) travel in .whl/ (see gpu_check.py's doc);
@@ -24,6 +24,11 @@ fi
 step() {  # step NAME CAP_SECONDS COMMAND...: run with timeout min(CAP, time left), log to $OUT
     local name=$1 cap=$2
     shift 2
+    case " ${SKIP:-} " in *" $name "*)
+        echo "== $name: skipped (SKIP)"
+        return
+        ;;
+    esac
     local left=$((DEADLINE - $(date +%s)))
     [ "$left" -lt "$cap" ] && cap=$left
     if [ "$cap" -le 5 ]; then
@@ -31,7 +36,7 @@ step() {  # step NAME CAP_SECONDS COMMAND...: run with timeout min(CAP, time lef
         return
     fi
     local start=$(date +%s)
-    timeout "$cap" "$@" >"$OUT/$name.out" 2>"$OUT/$name.err"
+    timeout "$cap" "$@" >"$OUT/$name.log" 2>&1
     echo "== $name: rc=$? in $(($(date +%s) - start)) s (cap $cap s)"
 }
 
@@ -48,11 +53,11 @@ step pp_hop 40 python3 benchmarks/gpu_check.py --sections pp_hop
 step pytest_gpu 170 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
     tests/test_model_varlen_attention.py tests/test_engine_memory_plan.py \
     tests/test_engine_compiled_decode.py tests/test_vision_encoder.py tests/test_testing_tiny.py \
-    tests/test_engine_stage_transport.py
+    tests/test_engine_stage_transport.py tests/test_model_triton_decode.py
 step graphs 400 python3 benchmarks/gpu_check.py --sections decoder --decode-modes graphs
-tail -n 15 "$OUT/pytest_gpu.out"
-for f in attention eager pp_hop graphs; do
+tail -n 15 "$OUT/pytest_gpu.log"
+for f in attention eager pp_hop graphs; do  # the JSON line, then the distinct warnings
     echo "== $f"
-    tail -c 3000 "$OUT/$f.out"
-    grep -iE "error|warn" "$OUT/$f.err" | sort | uniq -c | head -5
+    grep '^{' "$OUT/$f.log" | tail -c 3000
+    grep -iE "error|warn" "$OUT/$f.log" | sort | uniq -c | head -5
 done

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -126,6 +127,25 @@ def test_every_stage_profiles_through_its_runner(path: Path, ranges: list[tuple[
         calls = reader.calls
         assert calls.index("reset_peak") < calls.index("max_memory_allocated")
         assert calls[-2:] == ["settle", "mem_get_info"], "used is read after the scratch is freed"
+
+
+def test_cuda_graphs_reserve_a_decode_step_at_max_num_seqs(path: Path) -> None:
+    """With CUDA graphs the plan holds back one more measured peak (an eager decode step of
+    max_num_seqs rows) for the graphs' private pool."""
+    config = EngineConfig(
+        max_num_batched_tokens=48, max_num_seqs=4, max_model_len=96, gpu_memory_utilization=0.5
+    )
+    runner = _runner(path, 0, 3)
+    plain = measure_kv_plan(runner, config, FakeReader(total=GIB, used=0, allocated=0, peak=0))
+    assert plain.graph_bytes == 0
+    runner.compiled_decode = SimpleNamespace(use_cuda_graphs=True, bind=lambda *a, **k: None)
+    reader = FakeReader(total=GIB, used=100 * MIB, allocated=60 * MIB, peak=90 * MIB)
+    plan = measure_kv_plan(runner, config, reader)
+    assert plan.graph_bytes == 30 * MIB and plan.activation_peak_bytes == 30 * MIB
+    assert plan.num_blocks == (GIB // 2 - 100 * MIB - 60 * MIB) // runner.kv_block_bytes()
+    assert reader.calls.count("reset_peak") == 2, "the prefill step, then the decode step"
+    assert "CUDA graphs 0.03 GiB" in plan.summary()
+    assert runner.compiled_decode is not None, "restored after the eager profile steps"
 
 
 def test_plan_kv_blocks_uses_the_reader_unless_the_config_fixes_the_pool(path: Path) -> None:

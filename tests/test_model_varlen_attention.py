@@ -11,7 +11,7 @@ import torch
 
 from internvl_core.model.attention import paged_attention, plan_attention, write_kv
 from internvl_core.model.attention_metadata import AttentionMetadata
-from internvl_core.model.varlen_attention import varlen_supported
+from internvl_core.model.varlen_attention import varlen_has_paging, varlen_supported
 
 pytestmark = pytest.mark.gpu
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -24,6 +24,8 @@ def _supported_block_sizes(shape: tuple[int, int, int]) -> list[int]:
 
 
 def test_some_block_size_is_supported() -> None:
+    if not varlen_has_paging():
+        pytest.skip(f"torch {torch.__version__}'s varlen_attn has no block_table (torch 2.13)")
     assert _supported_block_sizes(SHAPES[0]), "varlen attention refused every block size"
 
 

@@ -91,6 +91,8 @@ class MemoryProfile:
     used_bytes: int  # in use after the step, caches emptied: weights, CUDA context, other procs
     weights_bytes: int  # this process's tensors before the step (weights, rope tables)
     activation_peak_bytes: int  # peak allocated during the step above `weights_bytes`
+    # CUDA graphs: peak of a decode step at max_num_seqs, held apart by the graphs' memory pool
+    graph_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +104,7 @@ class KVMemoryPlan:
     weights_bytes: int
     activation_peak_bytes: int
     other_bytes: int  # used but not this process's tensors: CUDA context, NCCL, other processes
+    graph_bytes: int  # the CUDA graphs' private pool (0 without graphs)
     kv_bytes: int
     block_bytes: int
     block_size: int
@@ -116,7 +119,8 @@ class KVMemoryPlan:
         return (
             f"KV plan: budget {self.budget_bytes / gib:.2f} of {self.total_bytes / gib:.2f} GiB; "
             f"weights {self.weights_bytes / gib:.2f} GiB, activation peak "
-            f"{self.activation_peak_bytes / gib:.2f} GiB, other {self.other_bytes / gib:.2f} GiB; "
+            f"{self.activation_peak_bytes / gib:.2f} GiB, other {self.other_bytes / gib:.2f} GiB, "
+            f"CUDA graphs {self.graph_bytes / gib:.2f} GiB; "
             f"KV {self.kv_bytes / gib:.2f} GiB = {self.num_blocks} blocks of {self.block_bytes} "
             f"bytes, {self.max_concurrent_tokens} tokens at once"
         )
@@ -129,19 +133,20 @@ def plan_kv_memory(
     block_bytes: int,
     block_size: int,
 ) -> KVMemoryPlan:
-    """KV bytes = total * utilization - used after profiling - activation peak.
+    """KV bytes = total * utilization - used after profiling - activation peak - graph pool.
 
     `used` counts everything on the device (this process's weights, its CUDA context, other
     processes), so a shared GPU shrinks the pool instead of running out of memory later.
     """
     budget = int(profile.total_bytes * gpu_memory_utilization)
-    kv_bytes = budget - profile.used_bytes - profile.activation_peak_bytes
+    kv_bytes = budget - profile.used_bytes - profile.activation_peak_bytes - profile.graph_bytes
     if kv_bytes < block_bytes:
         raise InternVLError(
             f"gpu_memory_utilization {gpu_memory_utilization} of {profile.total_bytes} bytes "
-            f"leaves {kv_bytes} bytes for the KV cache after {profile.used_bytes} bytes in use "
-            f"and an activation peak of {profile.activation_peak_bytes} bytes; one KV block "
-            f"needs {block_bytes} bytes (block_size {block_size})"
+            f"leaves {kv_bytes} bytes for the KV cache after {profile.used_bytes} bytes in use, "
+            f"an activation peak of {profile.activation_peak_bytes} bytes and "
+            f"{profile.graph_bytes} bytes of CUDA graphs; one KV block needs {block_bytes} "
+            f"bytes (block_size {block_size})"
         )
     return KVMemoryPlan(
         total_bytes=profile.total_bytes,
@@ -149,6 +154,7 @@ def plan_kv_memory(
         weights_bytes=profile.weights_bytes,
         activation_peak_bytes=profile.activation_peak_bytes,
         other_bytes=max(0, profile.used_bytes - profile.weights_bytes),
+        graph_bytes=profile.graph_bytes,
         kv_bytes=kv_bytes,
         block_bytes=block_bytes,
         block_size=block_size,
@@ -192,30 +198,41 @@ def profile_batch(config: EngineConfig) -> ScheduledBatch:
     )
 
 
+def decode_profile_batch(config: EngineConfig) -> ScheduledBatch:
+    """A decode step of `max_num_seqs` sequences (one block each): the largest CUDA graph."""
+    num_seqs = config.max_num_seqs
+    greedy = SamplingRequest(PROFILE_REQUEST_ID, SamplingParams(), [], [], ())
+    return ScheduledBatch(
+        batch_id=-2,
+        request_ids=[PROFILE_REQUEST_ID] * num_seqs,
+        input_token_ids=[0] * num_seqs,
+        query_lens=[1] * num_seqs,
+        context_lens=[1] * num_seqs,
+        prompt_lens=[2] * num_seqs,
+        block_tables=[[i] for i in range(num_seqs)],
+        sample_flags=[True] * num_seqs,
+        sampling=[greedy] * num_seqs,
+        block_size=config.block_size,
+    )
+
+
 def profile_memory(
     runner: ModelRunner, config: EngineConfig, reader: MemoryReader
 ) -> MemoryProfile:
     """Run `profile_batch` once through this stage (zeros as a later stage's input) on a scratch
-    KV pool just big enough for it, and read the allocator around it."""
+    KV pool just big enough for it, and read the allocator around it. With CUDA graphs, the peak
+    of an eager decode step at `max_num_seqs` too: the graphs keep that much in their own pool
+    (one pool shared by every bucket, the largest bucket its high-water mark)."""
     assert runner.kv_cache is None, "profile before the KV pool exists"
-    model = runner.model
     batch = profile_batch(config)
-    num_blocks = sum(len(table) for table in batch.block_tables)
+    num_blocks = max(sum(len(table) for table in batch.block_tables), config.max_num_seqs)
     reader.settle()
     weights = reader.memory_allocated()
     runner.init_kv_cache(num_blocks)  # scratch pool: not part of the activation peak
     reader.settle()
-    before = reader.memory_allocated()
-    reader.reset_peak()
-    hidden = None
-    if not model.is_first_stage:  # what the previous stage would send
-        hidden = torch.zeros(
-            (batch.num_tokens, model.arch.hidden_size), dtype=model.dtype, device=runner.device
-        )  # [T, D]
-    output = runner.execute(batch, hidden)
-    reader.settle()
-    peak = reader.max_memory_allocated()
-    del output, hidden
+    activation = _step_peak(runner, batch, reader)
+    graphs = runner.compiled_decode is not None and runner.compiled_decode.use_cuda_graphs
+    graph_bytes = _step_peak(runner, decode_profile_batch(config), reader) if graphs else 0
     runner.kv_cache = None
     reader.settle()
     free, total = reader.mem_get_info()
@@ -223,8 +240,31 @@ def profile_memory(
         total_bytes=total,
         used_bytes=total - free,
         weights_bytes=weights,
-        activation_peak_bytes=max(0, peak - before),
+        activation_peak_bytes=activation,
+        graph_bytes=graph_bytes,
     )
+
+
+def _step_peak(runner: ModelRunner, batch: ScheduledBatch, reader: MemoryReader) -> int:
+    """Peak bytes allocated by one eager step of `batch` above what was allocated before it."""
+    model = runner.model
+    before = reader.memory_allocated()
+    reader.reset_peak()
+    hidden = None
+    if not model.is_first_stage:  # what the previous stage would send
+        hidden = torch.zeros(
+            (batch.num_tokens, model.arch.hidden_size), dtype=model.dtype, device=runner.device
+        )  # [T, D]
+    compiled, runner.compiled_decode = runner.compiled_decode, None  # eager: no capture here
+    try:
+        output = runner.execute(batch, hidden)
+    finally:
+        runner.compiled_decode = compiled
+    reader.settle()
+    peak = reader.max_memory_allocated()
+    del output, hidden
+    reader.settle()
+    return max(0, peak - before)
 
 
 def measure_kv_plan(

@@ -8,6 +8,8 @@ Two backends behind one entry point, `paged_attention`:
 - "varlen" (CUDA, fp16/bf16, a block size FlashAttention accepts): one
   `torch.nn.attention.varlen.varlen_attn` call per layer for the whole batch, paged in place
   (`varlen_attention.py`).
+- "triton" (CUDA when varlen is not available, e.g. torch < 2.13): every decode row in one
+  Triton paged decode call (`triton_decode_attention.py`), prefill spans as "sdpa" does.
 - "sdpa" (any device): decode rows in groups of similar context length (one SDPA call each, keys
   gathered and padded to the group's longest), one SDPA call per prefill span.
 
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 
 from internvl_core.model.attention_metadata import AttentionMetadata
 from internvl_core.model.cpu_kernels import load_cpu_kernels
+from internvl_core.model.triton_decode_attention import paged_decode_attention, triton_available
 from internvl_core.model.varlen_attention import (
     VarlenPlan,
     plan_varlen,
@@ -68,6 +71,15 @@ class KernelSpans:
 
 
 @dataclass(slots=True)
+class PagedDecodeRows:
+    """The one-query sequences the Triton decode kernel attends in one call ("triton")."""
+
+    rows: torch.Tensor  # [n] int64 token rows
+    block_tables: torch.Tensor  # [n, W] int64, W = the longest of them in blocks
+    seq_lens: torch.Tensor  # [n] int64
+
+
+@dataclass(slots=True)
 class AttentionPlan:
     """Index tensors derived once per forward from AttentionMetadata and shared by every layer."""
 
@@ -76,6 +88,7 @@ class AttentionPlan:
     decode_only: bool  # one group holding every token row in order: the output needs no scatter
     kernel: KernelSpans | None = None  # "kernel" backend: these rows in one fused call
     varlen: VarlenPlan | None = None  # "varlen" backend: every row in one call
+    paged_decode: PagedDecodeRows | None = None  # "triton" backend: every decode row
 
 
 def choose_backend(
@@ -86,7 +99,8 @@ def choose_backend(
     heads: tuple[int, int, int] | None = None,
 ) -> str:
     """ "kernel" on the CPU in float32 when the C++ kernel is built and loaded; "varlen" on CUDA
-    when FlashAttention runs this (dtype, block_size, (H, K, d) `heads`); else "sdpa"."""
+    when FlashAttention runs this (dtype, block_size, (H, K, d) `heads`); else "triton" on CUDA
+    when Triton is there; else "sdpa"."""
     device_type = torch.device(device).type
     if device_type == "cpu" and dtype == torch.float32 and load_cpu_kernels():
         return "kernel"
@@ -98,6 +112,8 @@ def choose_backend(
         and varlen_supported(device, dtype, block_size, *heads)
     ):
         return "varlen"
+    if device_type == "cuda" and triton_available():
+        return "triton"
     return "sdpa"
 
 
@@ -229,6 +245,9 @@ def plan_attention(
         if host_tables is None:
             host_tables = attn.block_tables.cpu().numpy()  # [num_seqs, max_num_blocks]
         lens = seq_lens[decode_ids]  # [n]
+        if backend == "triton":
+            rows = _paged_decode_rows(host_tables, decode_ids, starts, lens, attn, device)
+            return AttentionPlan([], prefills, decode_only=not prefills, paged_decode=rows)
         group_cost = GROUP_COST_ROWS.get(torch.device(device).type, GROUP_COST_ROWS["cuda"])
         for members in _GROUPS.groups_for(lens, group_cost):
             groups.append(
@@ -276,6 +295,23 @@ def _kernel_plan(
             seq_lens=torch.from_numpy(np.ascontiguousarray(seq_lens[keep])),
         )
     return AttentionPlan([], prefills, decode_only=False, kernel=kernel)
+
+
+def _paged_decode_rows(
+    tables: np.ndarray,
+    seq_ids: np.ndarray,
+    starts: np.ndarray,
+    lens: np.ndarray,
+    attn: AttentionMetadata,
+    device: torch.device | str,
+) -> PagedDecodeRows:
+    """Host arrays (tables [S, max_num_blocks], ids [n], starts [S], lens [n]) -> device tensors."""
+    width = -(-int(lens.max()) // attn.block_size)
+    host = [starts[seq_ids], tables[seq_ids, :width], lens]  # [n], [n, W], [n]
+    rows, block_tables, seq_lens = (
+        torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device) for a in host
+    )
+    return PagedDecodeRows(rows, block_tables, seq_lens)
 
 
 def _decode_group(
@@ -355,6 +391,8 @@ def paged_attention(
     num_slots = kv_cache.shape[1] * kv_cache.shape[2]
     flat = kv_cache.view(2, num_slots, kv_cache.shape[3], kv_cache.shape[4])  # [2, slots, K, d]
     gqa = q.shape[1] != k.shape[1]
+    if plan.paged_decode is not None:
+        return _triton_attention(q, k, v, kv_cache, flat, plan, scale, gqa=gqa)  # [T, H, d]
     if plan.decode_only:  # one group, every row in order
         return _decode_attention(q, flat, plan.decode_groups[0], scale, gqa=gqa)  # [T, H, d]
     out = q.new_empty(q.shape)  # [T, H, d]
@@ -397,6 +435,35 @@ def _kernel_attention(
     for span in plan.prefills:
         rows = slice(span.row_start, span.row_start + span.query_len)
         out[rows] = _prefill_attention(q[rows], k[rows], v[rows], flat, span, scale=scale, gqa=gqa)
+    return out
+
+
+def _triton_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    flat: torch.Tensor,
+    plan: AttentionPlan,
+    scale: float,
+    *,
+    gqa: bool,
+) -> torch.Tensor:
+    """Every decode row in one Triton call; prefill spans one SDPA call each."""
+    rows = plan.paged_decode
+    assert rows is not None
+    decoded = paged_decode_attention(
+        q if plan.decode_only else q[rows.rows], kv_cache, rows.block_tables, rows.seq_lens, scale
+    )  # [n, H, d]
+    if plan.decode_only:
+        return decoded
+    out = q.new_empty(q.shape)  # [T, H, d]
+    out[rows.rows] = decoded
+    for span in plan.prefills:
+        span_rows = slice(span.row_start, span.row_start + span.query_len)
+        out[span_rows] = _prefill_attention(
+            q[span_rows], k[span_rows], v[span_rows], flat, span, scale=scale, gqa=gqa
+        )
     return out
 
 

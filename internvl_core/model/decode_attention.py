@@ -2,8 +2,10 @@
 
 q [B, H, d] + a layer's cache [2, num_blocks, block_size, K, d] + block tables [B, W] + seq lens
 [B] -> [B, H, d]. Pure torch with static shapes and no host reads, so `torch.compile(fullgraph=
-True)` traces it and a CUDA graph can replay it; a fused kernel can replace `decode_attention`
-behind the same signature. Prefill and eager decode stay on `attention.paged_attention`.
+True)` traces it and a CUDA graph can replay it. On CUDA with Triton the attention itself is the
+paged Triton kernel (`triton_decode_attention.py`), which reads K/V in place instead of
+gathering every row's whole width bucket. Prefill and eager decode stay on
+`attention.paged_attention`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from internvl_core.model.triton_decode_attention import paged_decode_attention, triton_available
+
+_TRITON = triton_available()  # read once: a plain bool for dynamo to trace through
 
 
 @dataclass(slots=True)
@@ -68,6 +74,9 @@ def decode_attention(
     Returns:
         [B, H, d] attention output in q's dtype.
     """
+    if q.is_cuda and _TRITON:
+        # In place through the block tables (no gather of the width bucket): Triton on CUDA.
+        return paged_decode_attention(q, kv_cache, block_tables, seq_lens, scale)  # [B, H, d]
     num_rows, num_heads, head_dim = q.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     group = num_heads // num_kv_heads

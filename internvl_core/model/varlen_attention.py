@@ -14,6 +14,7 @@ sizes work on the machine at hand.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 
@@ -45,6 +46,16 @@ def _varlen_attn():
     except ImportError:
         return None
     return varlen_attn
+
+
+def varlen_has_paging() -> bool:
+    """Whether this torch's varlen_attn takes a paged cache (`block_table`, `seqused_k`; torch
+    2.13). torch 2.11's takes neither, nor `enable_gqa`."""
+    varlen_attn = _varlen_attn()
+    if varlen_attn is None:
+        return False
+    params = inspect.signature(varlen_attn).parameters
+    return all(name in params for name in ("block_table", "seqused_k", "enable_gqa"))
 
 
 def plan_varlen(attn: AttentionMetadata, device: torch.device | str) -> VarlenPlan:
@@ -109,8 +120,13 @@ def _probe(
     kv_heads: int,
     head_dim: int,
 ) -> bool:
-    if _varlen_attn() is None:
-        logger.warning("torch.nn.attention.varlen missing: SDPA attention on %s", device)
+    if not varlen_has_paging():
+        logger.warning(
+            "torch %s has no paged varlen_attn (block_table needs torch 2.13): %s attention "
+            "takes the Triton/SDPA path",
+            torch.__version__,
+            device,
+        )
         return False
     try:
         cache = torch.zeros(2, 2, block_size, kv_heads, head_dim, dtype=dtype, device=device)

@@ -54,8 +54,9 @@ step pytest_gpu 170 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-o
     tests/test_model_varlen_attention.py tests/test_engine_memory_plan.py \
     tests/test_engine_compiled_decode.py tests/test_vision_encoder.py tests/test_testing_tiny.py \
     tests/test_engine_stage_transport.py tests/test_model_triton_decode.py
+step pytest_triton 90 python3 -m pytest -q -p no:cacheprovider tests/test_model_triton_decode.py
 step graphs 400 python3 benchmarks/gpu_check.py --sections decoder --decode-modes graphs
-tail -n 15 "$OUT/pytest_gpu.log"
+tail -n 15 "$OUT/pytest_gpu.log" "$OUT/pytest_triton.log"
 for f in attention eager pp_hop graphs; do  # the JSON line, then the distinct warnings
     echo "== $f"
     grep '^{' "$OUT/$f.log" | tail -c 3000

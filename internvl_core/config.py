@@ -338,10 +338,10 @@ class EngineConfig(BaseModel):
     compile_decode: Literal["auto", "on", "off"] = Field(
         default="auto",
         description="decode-only steps padded to batch buckets and run under torch.compile "
-        "(CUDA: replayed as one CUDA graph per bucket); auto = off for now: on the CPU "
-        "benchmarks/compile.py measures no gain worth the compile time, and the CUDA graph path "
-        "has not yet run on a GPU (its gpu test and benchmarks/gpu_check.py's graphs mode are "
-        "written; the KV plan does not yet count graph memory). 'on' opts in",
+        "(CUDA: replayed as one CUDA graph per bucket, compiled and captured at start-up, their "
+        "memory held back from the KV pool); auto = graphs on CUDA (with Triton: 3-7x eager on "
+        "an H200, benchmarks/GPU_NOTES.md), off on the CPU (benchmarks/compile.py measures no "
+        "gain worth the compile time there); 'on' opts in on the CPU too",
     )
 
     def max_model_len_for(self, llm: LLMArchitecture) -> int:

@@ -24,6 +24,7 @@ from internvl_core.engine.engine import LLMEngine
 from internvl_core.engine.model_runner import ModelRunner
 from internvl_core.engine.pipeline import LocalStageWorker, StageWorker
 from internvl_core.model.decoder import DecoderModel
+from internvl_core.model.triton_decode_attention import triton_available
 
 FAMILIES = ["qwen2", "internlm2", "phi3", "llama"]
 BLOCK = 4
@@ -98,10 +99,27 @@ def test_buckets() -> None:
 def test_resolve_mode() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_mode("auto", cpu) == "off"
-    assert resolve_mode("auto", cuda) == "off"  # until the graph path has run on a GPU
+    auto_cuda = "graphs" if triton_available() else "off"  # graphs need the Triton attention
+    assert resolve_mode("auto", cuda) == auto_cuda
     assert resolve_mode("on", cpu) == "compiled"
     assert resolve_mode("on", cuda) == "graphs"
     assert resolve_mode("off", cuda) == "off"
+
+
+def test_warm_up_compiles_every_batch_bucket_and_writes_only_scratch(
+    tiny_checkpoint: Any,
+) -> None:
+    """At pool allocation every batch bucket is traced (CUDA: captured) over padding rows, whose
+    writes land in the scratch block alone: the pool's real blocks stay untouched."""
+    engine = _engine(tiny_checkpoint("qwen2"), compiled=True)
+    runner = engine.pipeline.stages[0].runner
+    decode = runner.compiled_decode
+    assert decode is not None and runner.kv_cache is not None
+    narrowest = decode.width_buckets[0]
+    assert {(rows, narrowest) for rows in decode.batch_buckets} <= set(decode._buckets)
+    for layer in runner.kv_cache.tensors:  # [2, num_blocks + 1, block, K, d]
+        assert not layer[:, : runner.kv_cache.num_blocks].any(), "a real block was written"
+        assert layer[:, runner.kv_cache.num_blocks].any(), "padding rows write the scratch block"
 
 
 @pytest.mark.parametrize("family", FAMILIES)

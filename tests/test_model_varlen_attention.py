@@ -35,7 +35,10 @@ def test_mixed_batch_matches_sdpa(shape: tuple[int, int, int]) -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     query_lens = [1, 1, 1, 300, 57, 1]  # decodes, a fresh prompt, a chunk over a cached prefix
     seq_lens = [1, 700, 1500, 300, 900, 4097]
-    for block_size in _supported_block_sizes(shape):
+    sizes = _supported_block_sizes(shape)
+    if not sizes:
+        pytest.skip(f"varlen attention runs no block size here (torch {torch.__version__})")
+    for block_size in sizes:
         tables, start = [], 1
         for s_len in seq_lens:
             count = -(-s_len // block_size)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from internvl_core.config import EngineConfig
 from internvl_core.engine.batch import ScheduledBatch
 from internvl_core.model.decode_attention import DecodeMetadata
 from internvl_core.model.decoder import DecoderModel
+from internvl_core.model.triton_decode_attention import triton_available
 
 logger = logging.getLogger(__name__)
 
@@ -59,15 +61,18 @@ def bucket_for(size: int, buckets: list[int]) -> int:
 def resolve_mode(option: str, device: torch.device) -> str:
     """`compile_decode` -> "graphs" (compiled + CUDA graphs), "compiled" or "off".
 
-    auto: off. On CPU benchmarks/compile.py (768 wide, 12 layers, 384-token context, 2 cores)
-    measured 1.12x eager at batch 1 but 0.90x / 0.79x / 0.74x at 8 / 32 / 128 (with inductor
-    freezing 1.16x / 1.04x / 0.87x / 0.86x), after minutes of compile. On CUDA the graph path has
-    not run on a GPU yet (no device in the sessions that built it): auto becomes "graphs" there
-    once the gpu test in tests/test_engine_compiled_decode.py and benchmarks/gpu_check.py's
-    graphs mode have passed on an H100/H200.
+    auto: "graphs" on CUDA when Triton is there (its paged decode attention runs inside the
+    graphs), else off. On an H200 (benchmarks/GPU_NOTES.md, run 2: 8B-shaped bf16 decoder, 1k
+    context) graphs took 5.0 / 6.5 / 8.0 / 10.8 ms per step at batch 1 / 16 / 64 / 128 against
+    eager's 34.2 / 35.1 / 32.5 / 32.9 (eager is launch-bound), and the gpu tests passed. Off on
+    CPU: benchmarks/compile.py (768 wide, 12 layers, 384-token context, 2 cores) measured 1.12x
+    eager at batch 1 but 0.90x / 0.79x / 0.74x at 8 / 32 / 128 (with inductor freezing 1.16x /
+    1.04x / 0.87x / 0.86x), after minutes of compile.
     """
-    if option in ("off", "auto"):
+    if option == "off":
         return "off"
+    if option == "auto":
+        return "graphs" if device.type == "cuda" and triton_available() else "off"
     return "graphs" if device.type == "cuda" else "compiled"
 
 
@@ -149,6 +154,32 @@ class CompiledDecode:
         self._kv_caches = kv_caches
         self._scratch_block = scratch_block
         self._graphs.clear()
+
+    def warm_up(self) -> None:
+        """Compile (on CUDA: capture) every batch bucket now, at the narrowest width, over padding
+        rows only (they write the scratch block), so no request waits behind a compile. Rows and
+        width are dynamic past 1, so a wider bucket later costs only its capture."""
+        assert self._scratch_block >= 0, "bind() first"
+        start = time.perf_counter()
+        width = self.width_buckets[0]
+        for rows in self.batch_buckets:
+            view = self._bucket(rows, width)
+            view.num_seqs = 0
+            host = self._host[:, :rows]  # [5, rows]: every row a padding row
+            host.zero_()
+            host[2] = self._scratch_block * self.block_size
+            host[3] = 1
+            view.index.copy_(host)
+            view.block_tables.fill_(self._scratch_block)
+            if view.hidden is not None:
+                view.hidden.zero_()
+            self.forward(view)
+        logger.info(
+            "compiled decode warm: %d batch buckets (%s) in %.1f s",
+            len(self.batch_buckets),
+            "CUDA graphs" if self.use_cuda_graphs else "compiled",
+            time.perf_counter() - start,
+        )
 
     def supports(self, batch: ScheduledBatch) -> bool:
         """Decode-only, within the largest batch and width buckets."""

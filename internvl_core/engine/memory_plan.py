@@ -228,7 +228,7 @@ def profile_memory(
     num_blocks = max(sum(len(table) for table in batch.block_tables), config.max_num_seqs)
     reader.settle()
     weights = reader.memory_allocated()
-    runner.init_kv_cache(num_blocks)  # scratch pool: not part of the activation peak
+    runner.init_kv_cache(num_blocks, warm_up=False)  # scratch pool: not in the activation peak
     reader.settle()
     activation = _step_peak(runner, batch, reader)
     graphs = runner.compiled_decode is not None and runner.compiled_decode.use_cuda_graphs

@@ -83,14 +83,18 @@ class ModelRunner:
             return measure_kv_plan(self, config, reader).num_blocks
         return plan_num_blocks(config, block_bytes=self.kv_block_bytes(), device=self.device)
 
-    def init_kv_cache(self, num_blocks: int) -> None:
+    def init_kv_cache(self, num_blocks: int, *, warm_up: bool = True) -> None:
         """Allocate the pool; every stage gets the same count (block tables are shared).
-        With compiled decode one more block, `num_blocks`, takes the padding rows' writes."""
+        With compiled decode one more block, `num_blocks`, takes the padding rows' writes, and
+        every batch bucket is compiled (CUDA: captured) now unless `warm_up` is False (the
+        memory profile's scratch pool)."""
         extra = 1 if self.compiled_decode is not None else 0
         tensors = self.model.allocate_kv_caches(num_blocks + extra, self.block_size)
         self.kv_cache = KVCache(tensors, num_blocks, self.block_size)
         if self.compiled_decode is not None:
             self.compiled_decode.bind(tensors, scratch_block=num_blocks)
+            if warm_up:
+                self.compiled_decode.warm_up()
 
     # ---- one step -------------------------------------------------------------------------
     def prepare_input(self, batch: ScheduledBatch) -> ModelInput:

@@ -79,10 +79,15 @@ def _graphs(runner: ModelRunner) -> Callable[[ScheduledBatch], Any]:
         backend="inductor" if cuda else "eager",
     )
     decode.bind(runner.kv_cache.tensors, scratch_block=runner.kv_cache.num_blocks - 1)
+    start = time.perf_counter()
+    decode.warm_up()  # what a replica does at start-up: every batch bucket compiled and captured
+    WARM_UP_S["graphs"] = round(time.perf_counter() - start, 1)
     graphs = ModelRunner(runner.model, block_size=BLOCK, compiled_decode=decode)
     graphs.kv_cache = runner.kv_cache
     return graphs.execute
 
+
+WARM_UP_S: dict[str, float] = {}  # mode -> seconds its start-up warm-up took
 
 # mode -> (runner -> a callable that runs one ScheduledBatch).
 DECODE_MODES: dict[str, Callable[[ModelRunner], Callable[[ScheduledBatch], Any]]] = {
@@ -275,6 +280,8 @@ def check_decode(runner: ModelRunner, opts: argparse.Namespace) -> dict:
     assert runner.kv_cache is not None
     for mode in opts.decode_modes.split(","):
         run = DECODE_MODES[mode](runner)
+        if mode in WARM_UP_S:
+            out[f"{mode}_warm_up_s"] = WARM_UP_S[mode]
         for bs in batches:
             tables = _tables([context + 1] * bs)
             if tables[-1][-1] >= runner.kv_cache.num_blocks - 1:  # the last: graphs' scratch

@@ -178,3 +178,28 @@ def test_cuda_graphs_tokens_equal_eager(tiny_checkpoint: Any) -> None:
     assert _tokens(engine, prompts, params) == expected
     decode = engine.pipeline.stages[0].runner.compiled_decode
     assert decode is not None and decode._graphs, "decode steps replayed captured graphs"
+
+
+@pytest.mark.gpu
+def test_auto_mode_on_cuda_decodes_through_graphs_with_eager_tokens(tiny_checkpoint: Any) -> None:
+    """The default config on CUDA: graphs (Triton attention), warmed at start, the KV plan
+    measured with the graphs' reserve; greedy tokens equal compile_decode="off"."""
+    path = tiny_checkpoint("qwen2")
+    prompts, params = _workload(7, seed=5)
+
+    def engine(mode: str) -> LLMEngine:
+        config = EngineConfig(
+            block_size=16,
+            max_num_seqs=MAX_NUM_SEQS,
+            max_model_len=MAX_MODEL_LEN,
+            gpu_memory_utilization=0.2,
+            compile_decode=mode,  # type: ignore[arg-type]
+        )
+        return LLMEngine.from_checkpoint(path, config, device="cuda")  # fp32: exact tokens
+
+    expected = _tokens(engine("off"), prompts, params)
+    graphs = engine("auto")
+    decode = graphs.pipeline.stages[0].runner.compiled_decode
+    assert decode is not None and decode.use_cuda_graphs
+    assert len(decode._graphs) >= len(decode.batch_buckets), "every batch bucket captured"
+    assert _tokens(graphs, prompts, params) == expected

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from internvl_core.model.attention_metadata import AttentionMetadata
 from internvl_core.model.cpu_kernels import load_cpu_kernels
-from internvl_core.model.triton_decode_attention import paged_decode_attention, triton_available
+from internvl_core.model.triton_decode_attention import launch_paged_decode, triton_available
 from internvl_core.model.varlen_attention import (
     VarlenPlan,
     plan_varlen,
@@ -452,7 +452,7 @@ def _triton_attention(
     """Every decode row in one Triton call; prefill spans one SDPA call each."""
     rows = plan.paged_decode
     assert rows is not None
-    decoded = paged_decode_attention(
+    decoded = launch_paged_decode(
         q if plan.decode_only else q[rows.rows], kv_cache, rows.block_tables, rows.seq_lens, scale
     )  # [n, H, d]
     if plan.decode_only:

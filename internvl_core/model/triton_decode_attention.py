@@ -165,26 +165,15 @@ def _kernels() -> SimpleNamespace:
     return SimpleNamespace(partial=partial_kernel, merge=merge_kernel)
 
 
-@torch.library.custom_op("internvl::paged_decode_attention", mutates_args=())
-def paged_decode_attention(
+def launch_paged_decode(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Attend each row's one query over the first `seq_lens[b]` cached tokens of its blocks.
-
-    Args:
-        q: [B, H, d] queries (H a multiple of K).
-        kv_cache: [2, num_blocks, block_size, K, d], already holding this step's k/v.
-        block_tables: [B, W] integer block ids; W * block_size >= max(seq_lens).
-        seq_lens: [B] integer, each at least 1.
-        scale: softmax scale.
-
-    Returns:
-        [B, H, d] in q's dtype.
-    """
+    """The kernels straight from Python (eager callers skip the custom op's dispatch cost;
+    traced code calls `paged_decode_attention`, the op). Same contract as the op."""
     kernels = _kernels()
     num_seqs, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, cache_dim = kv_cache.shape
@@ -245,6 +234,29 @@ def paged_decode_attention(
         PARTS_PAD=max(2, _next_pow2(parts)),
     )
     return out
+
+
+@torch.library.custom_op("internvl::paged_decode_attention", mutates_args=())
+def paged_decode_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Attend each row's one query over the first `seq_lens[b]` cached tokens of its blocks.
+
+    Args:
+        q: [B, H, d] queries (H a multiple of K).
+        kv_cache: [2, num_blocks, block_size, K, d], already holding this step's k/v.
+        block_tables: [B, W] integer block ids; W * block_size >= max(seq_lens).
+        seq_lens: [B] integer, each at least 1.
+        scale: softmax scale.
+
+    Returns:
+        [B, H, d] in q's dtype.
+    """
+    return launch_paged_decode(q, kv_cache, block_tables, seq_lens, scale)
 
 
 @paged_decode_attention.register_fake

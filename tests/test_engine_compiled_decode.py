@@ -4,6 +4,7 @@ the CUDA-graph path (gpu)."""
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 from pathlib import Path
@@ -187,18 +188,22 @@ def test_auto_mode_on_cuda_decodes_through_graphs_with_eager_tokens(tiny_checkpo
     path = tiny_checkpoint("qwen2")
     prompts, params = _workload(7, seed=5)
 
-    def engine(mode: str) -> LLMEngine:
+    def engine(mode: str, num_kv_blocks: int | None) -> LLMEngine:
         config = EngineConfig(
             block_size=16,
             max_num_seqs=MAX_NUM_SEQS,
             max_model_len=MAX_MODEL_LEN,
             gpu_memory_utilization=0.2,
+            num_kv_blocks=num_kv_blocks,
             compile_decode=mode,  # type: ignore[arg-type]
         )
         return LLMEngine.from_checkpoint(path, config, device="cuda")  # fp32: exact tokens
 
-    expected = _tokens(engine("off"), prompts, params)
-    graphs = engine("auto")
+    # The reference engine gets a small fixed pool: a measured plan would see its live pool.
+    expected = _tokens(engine("off", num_kv_blocks=256), prompts, params)
+    gc.collect()
+    torch.cuda.empty_cache()
+    graphs = engine("auto", num_kv_blocks=None)  # measured plan, graphs' reserve included
     decode = graphs.pipeline.stages[0].runner.compiled_decode
     assert decode is not None and decode.use_cuda_graphs
     assert len(decode._graphs) >= len(decode.batch_buckets), "every batch bucket captured"

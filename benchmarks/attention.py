@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from internvl_core.model import attention
+from internvl_core.model import sdpa_attention
 from internvl_core.model.attention import paged_attention, plan_attention
 from internvl_core.model.attention_metadata import AttentionMetadata
 
@@ -70,13 +70,13 @@ def main() -> None:
         grouped_ms = _time_ms(step, opts.repeats)
         grouped = step()
         num_groups = len(plan_attention(attn, device).decode_groups)
-        saved = dict(attention.GROUP_COST_ROWS)
-        attention.GROUP_COST_ROWS[device] = 2**62  # never split: the old single padded call
+        saved = dict(sdpa_attention.GROUP_COST_ROWS)
+        sdpa_attention.GROUP_COST_ROWS[device] = 2**62  # never split: the old single padded call
         try:
             padded_ms = _time_ms(step, opts.repeats)
             padded = step()
         finally:
-            attention.GROUP_COST_ROWS.update(saved)
+            sdpa_attention.GROUP_COST_ROWS.update(saved)
         out[name] = {
             "grouped_ms": round(grouped_ms, 2),
             "padded_ms": round(padded_ms, 2),

@@ -17,6 +17,10 @@ import torch
 from internvl_core.testing.tiny import make_tiny_checkpoint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if not torch.cuda.is_available():
+    # Triton kernels run in its interpreter on CPU tensors. Set before anything imports triton
+    # (torch.compile does): jit functions decorated earlier would not be interpreted.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -9,14 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from internvl_core.model import attention
-from internvl_core.model.attention import (
-    _GroupMemo,
-    group_by_length,
-    paged_attention,
-    plan_attention,
-    write_kv,
-)
+from internvl_core.model import sdpa_attention
+from internvl_core.model.attention import paged_attention, plan_attention, write_kv
 from internvl_core.model.attention_metadata import AttentionMetadata
 
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 16
@@ -134,7 +128,7 @@ def test_group_by_length_is_an_optimal_partition(seed: int) -> None:
         rng.choice([rng.randint(1, 40), rng.randint(200, 600)]) for _ in range(rng.randint(1, 8))
     ]
     group_cost = rng.choice([0, 16, 100, 10_000])
-    groups = group_by_length(lens, group_cost)
+    groups = sdpa_attention.group_by_length(lens, group_cost)
     assert sorted(i for g in groups for i in g) == list(range(len(lens)))
     assert all(g == sorted(g) for g in groups)  # batch order inside a group
     # Every partition of the length-sorted order into contiguous runs, by brute force.
@@ -151,9 +145,9 @@ def test_group_by_length_is_an_optimal_partition(seed: int) -> None:
 
 def test_group_by_length_splits_a_long_context_from_short_ones() -> None:
     lens = [256, 4096, 256, 256]
-    assert group_by_length(lens, group_cost=256) == [[1], [0, 2, 3]]
-    assert group_by_length([512] * 4, group_cost=256) == [[0, 1, 2, 3]]
-    assert group_by_length(lens, group_cost=10**9) == [[0, 1, 2, 3]]
+    assert sdpa_attention.group_by_length(lens, group_cost=256) == [[1], [0, 2, 3]]
+    assert sdpa_attention.group_by_length([512] * 4, group_cost=256) == [[0, 1, 2, 3]]
+    assert sdpa_attention.group_by_length(lens, group_cost=10**9) == [[0, 1, 2, 3]]
 
 
 @pytest.mark.parametrize("group_cost", [0, 10**9])
@@ -168,13 +162,13 @@ def test_decode_groups_equal_one_sequence_at_a_time(group_cost: int) -> None:
     k = torch.randn(len(seq_lens), KV_HEADS, HEAD_DIM, generator=gen)  # [T, K, d]
     v = torch.randn(len(seq_lens), KV_HEADS, HEAD_DIM, generator=gen)  # [T, K, d]
     attn = AttentionMetadata.for_contiguous([1] * len(seq_lens), seq_lens, tables, BLOCK_SIZE)
-    saved = dict(attention.GROUP_COST_ROWS)
-    attention.GROUP_COST_ROWS["cpu"] = group_cost
+    saved = dict(sdpa_attention.GROUP_COST_ROWS)
+    sdpa_attention.GROUP_COST_ROWS["cpu"] = group_cost
     try:
         plan = plan_attention(attn, "cpu")
         out = paged_attention(q, k, v, kv_cache.clone(), attn, SCALE, plan=plan)
     finally:
-        attention.GROUP_COST_ROWS.update(saved)
+        sdpa_attention.GROUP_COST_ROWS.update(saved)
     assert len(plan.decode_groups) == (1 if group_cost else len(set(seq_lens)))
     for i, n in enumerate(seq_lens):
         alone = AttentionMetadata.for_contiguous([1], [n], [tables[i]], BLOCK_SIZE)
@@ -190,9 +184,9 @@ def test_group_memo_equals_a_fresh_grouping_after_every_shift(seed: int) -> None
     gives exactly what `group_by_length` computes afresh, ties included."""
     rng = random.Random(seed)
     lens = [rng.choice([rng.randint(1, 40), rng.randint(200, 600)]) for _ in range(40)]
-    memo = _GroupMemo()
+    memo = sdpa_attention.GroupMemo()
     for shift in (0, 1, 2, 7, 300):
         shifted = np.array(lens, dtype=np.int64) + shift
         groups = [g.tolist() for g in memo.groups_for(shifted, 256)]
-        assert groups == group_by_length(shifted.tolist(), 256)
+        assert groups == sdpa_attention.group_by_length(shifted.tolist(), 256)
     assert memo.key is not None

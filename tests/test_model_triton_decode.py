@@ -1,14 +1,11 @@
 """Triton paged decode attention vs the pure-torch `decode_attention` and the SDPA backend.
 
-On CUDA the kernels run compiled (the `gpu` tests, bf16). Without CUDA they run in Triton's
-interpreter (`TRITON_INTERPRET=1`, set before the kernels are first defined) in fp32, exact to
-1e-5; those tests skip when Triton is not installed (CPU builds of torch do not ship it).
+On CUDA the kernels run compiled in bf16. Without CUDA they run in Triton's interpreter
+(`TRITON_INTERPRET=1`, set by conftest) in fp32, exact to 1e-5; they skip without Triton (it comes
+with xgrammar here; CUDA builds of torch ship it).
 """
 
 from __future__ import annotations
-
-import os
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -35,17 +32,10 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def device() -> Iterator[str]:
-    if torch.cuda.is_available():
-        yield "cuda"
-        return
-    before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are defined (first call)
-    yield "cpu"
-    if before is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = before
+def device() -> str:
+    """CUDA when there is one, else the CPU through Triton's interpreter (conftest sets
+    TRITON_INTERPRET=1 before anything imports triton)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _random_case(

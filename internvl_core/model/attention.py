@@ -10,12 +10,12 @@ Two backends behind one entry point, `paged_attention`:
   (`varlen_attention.py`).
 - "triton" (CUDA when varlen is not available, e.g. torch < 2.13): every decode row in one
   Triton paged decode call (`triton_decode_attention.py`), prefill spans as "sdpa" does.
-- "sdpa" (any device): decode rows in groups of similar context length (one SDPA call each, keys
-  gathered and padded to the group's longest), one SDPA call per prefill span.
+- "sdpa" (any device, `sdpa_attention.py`): decode rows in groups of similar context length (one
+  SDPA call each, keys gathered and padded to the group's longest), one call per prefill span.
 
 q [T, H, d], k/v [T, K, d], a layer's cache [2, num_blocks, block_size, K, d], AttentionMetadata
--> output [T, H, d]. Torch SDPA backend (CPU and GPU); `paged_attention` is the one entry point,
-so a faster GPU kernel can be dispatched behind it later.
+-> output [T, H, d]. This module plans a step once per forward (`plan_attention`) and dispatches
+each layer (`paged_attention`).
 """
 
 from __future__ import annotations
@@ -24,10 +24,19 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from internvl_core.model.attention_metadata import AttentionMetadata
 from internvl_core.model.cpu_kernels import load_cpu_kernels
+from internvl_core.model.sdpa_attention import (
+    GROUP_COST_ROWS,
+    GROUPS,
+    DecodeGroup,
+    PrefillSpan,
+    decode_group,
+    prefill_span,
+    sdpa_decode,
+    sdpa_prefill,
+)
 from internvl_core.model.triton_decode_attention import launch_paged_decode, triton_available
 from internvl_core.model.varlen_attention import (
     VarlenPlan,
@@ -35,29 +44,6 @@ from internvl_core.model.varlen_attention import (
     varlen_paged_attention,
     varlen_supported,
 )
-
-
-@dataclass(slots=True)
-class PrefillSpan:
-    """One sequence with more than one query row in this step."""
-
-    row_start: int  # first token row of the sequence in the flattened batch
-    query_len: int
-    seq_len: int
-    # [seq_len] int64 cache slots of positions 0..seq_len-1; None = no cached prefix, use fresh K/V
-    key_slots: torch.Tensor | None
-    # [query_len, seq_len] bool, True = may attend; None = plain causal (query_len == seq_len)
-    mask: torch.Tensor | None
-
-
-@dataclass(slots=True)
-class DecodeGroup:
-    """One-query sequences of similar length, attended in one SDPA call (keys padded to the
-    group's longest)."""
-
-    rows: torch.Tensor  # [g] int64 token rows
-    slots: torch.Tensor  # [g, max_seq_len] int64 cache slots, padded
-    mask: torch.Tensor | None  # [g, 1, 1, max_seq_len] bool key-padding mask; None = no padding
 
 
 @dataclass(slots=True)
@@ -117,93 +103,9 @@ def choose_backend(
     return "sdpa"
 
 
-# What one more decode group costs (its gather, SDPA and scatter calls), in padded key rows: a
-# group is split off when that saves more padding than this. CPU: tuned with
-# benchmarks/attention.py (1 padded call -> groups: 10.9x faster for 1x4096 + 31x256 tokens,
-# 5x for 32 spread over 64..2016, equal for 32x512). CUDA: a launch-bound estimate, not yet
-# measured (~5 kernels of ~5 us against ~2 ns to gather a row), so it only splits big gaps.
-GROUP_COST_ROWS = {"cpu": 256, "cuda": 32768}
 # "kernel" backend: sequences with more new tokens than this take SDPA (one kernel tile is 16 rows;
 # past it SDPA's blocked products win: 512 rows over 1024 keys took ~2x longer in the kernel).
 KERNEL_MAX_QUERY = 16
-
-
-def group_by_length(lens: list[int], group_cost: int) -> list[list[int]]:
-    """Partition sequence indices into groups of similar `lens`, minimising
-    sum(group_cost + len(group) * max(group lens)) over partitions of the length-sorted order.
-    Groups come longest first, members in batch order.
-
-    Exact: best[e] = min_j best[j] + group_cost + (e - j) * lens[e - 1] is a minimum over lines
-    of slope -j evaluated at non-decreasing x = lens[e - 1], so a monotone convex hull of those
-    lines answers each end point in amortised O(1) (the convex hull trick), O(n log n) in all.
-    Ties keep the earlier start (larger groups), as an argmin over starts would.
-    """
-    # follows https://cp-algorithms.com/geometry/convex_hull_trick.html
-    num = len(lens)
-    order = sorted(range(num), key=lens.__getitem__)  # stable, ascending length
-    sorted_lens = [lens[i] for i in order]
-    if not num or num * sorted_lens[-1] - sum(sorted_lens) <= group_cost:
-        return [list(range(num))] if num else []  # padding costs less than a second group
-    best = [0] * (num + 1)  # best[j]: cost of the first j sorted sequences
-    cut = [0] * (num + 1)
-    slopes: list[int] = []  # hull lines y = intercepts[i] + slopes[i] * x, slopes decreasing
-    intercepts: list[int] = []
-    starts: list[int] = []
-    ptr = 0
-    for end in range(1, num + 1):
-        slope, intercept = -(end - 1), best[end - 1]
-        while len(slopes) >= 2 and (intercept - intercepts[-2]) * (slopes[-2] - slopes[-1]) < (
-            intercepts[-1] - intercepts[-2]
-        ) * (slopes[-2] - slope):
-            slopes.pop(), intercepts.pop(), starts.pop()
-        slopes.append(slope), intercepts.append(intercept), starts.append(end - 1)
-        ptr = min(ptr, len(slopes) - 1)
-        x = sorted_lens[end - 1]
-        while ptr + 1 < len(slopes) and (
-            intercepts[ptr + 1] + slopes[ptr + 1] * x < intercepts[ptr] + slopes[ptr] * x
-        ):
-            ptr += 1
-        cut[end] = starts[ptr]
-        best[end] = intercepts[ptr] + slopes[ptr] * x + group_cost + end * x
-    groups: list[list[int]] = []
-    end = num
-    while end > 0:
-        groups.append(sorted(order[cut[end] : end]))  # rows in batch order
-        end = cut[end]
-    return groups
-
-
-class _GroupMemo:
-    """The latest `group_by_length` answer, keyed by lengths relative to their minimum.
-
-    A steady decode step adds 1 to every length: each partition's cost then grows by exactly the
-    number of sequences, and every comparison the convex hull trick makes is translation
-    invariant, so the answer (ties included) is the same and is reused instead of recomputed.
-    """
-
-    def __init__(self) -> None:
-        self.key: tuple[bytes, int] | None = None
-        self.groups: list[np.ndarray] = []
-
-    def groups_for(self, lens: np.ndarray, group_cost: int) -> list[np.ndarray]:
-        key = ((lens - lens.min()).tobytes(), group_cost)
-        if key != self.key:
-            self.groups = [
-                np.asarray(g, dtype=np.int64) for g in group_by_length(lens.tolist(), group_cost)
-            ]
-            self.key = key
-        return self.groups
-
-
-_GROUPS = _GroupMemo()
-
-
-def _sequence_slots(
-    block_table: torch.Tensor, positions: torch.Tensor, block_size: int
-) -> torch.Tensor:
-    """Cache slots of `positions` through a block table [..., max_num_blocks] -> [..., len]."""
-    blocks = block_table[..., positions // block_size]  # [..., len]
-    return blocks * block_size + positions % block_size  # [..., len]
 
 
 def plan_attention(
@@ -235,7 +137,7 @@ def plan_attention(
         for seq_id in np.flatnonzero(~is_decode).tolist():
             q_len, s_len = int(query_lens[seq_id]), int(seq_lens[seq_id])
             row = int(starts[seq_id])
-            prefills.append(_prefill_span(tables[seq_id], row, q_len, s_len, attn.block_size))
+            prefills.append(prefill_span(tables[seq_id], row, q_len, s_len, attn.block_size))
         decode_ids = np.flatnonzero(is_decode)  # [n]
     else:
         decode_ids = np.arange(len(query_lens))  # [n]
@@ -249,9 +151,9 @@ def plan_attention(
             rows = _paged_decode_rows(host_tables, decode_ids, starts, lens, attn, device)
             return AttentionPlan([], prefills, decode_only=not prefills, paged_decode=rows)
         group_cost = GROUP_COST_ROWS.get(torch.device(device).type, GROUP_COST_ROWS["cuda"])
-        for members in _GROUPS.groups_for(lens, group_cost):
+        for members in GROUPS.groups_for(lens, group_cost):
             groups.append(
-                _decode_group(
+                decode_group(
                     host_tables,
                     decode_ids[members],
                     starts[decode_ids[members]],
@@ -282,7 +184,7 @@ def _kernel_plan(
         prefills.append(
             PrefillSpan(row, q_len, s_len, None, None)
             if table is None
-            else _prefill_span(table, row, q_len, s_len, attn.block_size)
+            else prefill_span(table, row, q_len, s_len, attn.block_size)
         )
     kernel = None
     if not to_sdpa.all():
@@ -312,42 +214,6 @@ def _paged_decode_rows(
         torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device) for a in host
     )
     return PagedDecodeRows(rows, block_tables, seq_lens)
-
-
-def _decode_group(
-    tables: np.ndarray,
-    seq_ids: np.ndarray,
-    rows: np.ndarray,
-    lens: np.ndarray,
-    block_size: int,
-    device: torch.device | str,
-) -> DecodeGroup:
-    """Index tensors of one group from host arrays: tables [S, max_num_blocks], the rest [g]."""
-    max_len = int(lens.max())
-    num_blocks = -(-max_len // block_size)
-    blocks = tables[seq_ids, :num_blocks]  # [g, num_blocks]
-    offsets = np.arange(block_size)  # [block_size]
-    slots_np = (blocks[:, :, None] * block_size + offsets).reshape(len(seq_ids), -1)
-    slots = torch.from_numpy(slots_np[:, :max_len])  # [g, max_seq_len]
-    mask = None
-    if int(lens.min()) != max_len:
-        padded = np.arange(max_len)[None, :] < lens[:, None]  # [g, max_seq_len]
-        mask = torch.from_numpy(padded[:, None, None, :]).to(device)  # [g, 1, 1, max_len]
-    rows_t = torch.from_numpy(np.ascontiguousarray(rows)).to(device)  # [g]
-    return DecodeGroup(rows_t, slots.to(device), mask)
-
-
-def _prefill_span(
-    table: torch.Tensor, row: int, q_len: int, s_len: int, block_size: int
-) -> PrefillSpan:
-    if q_len == s_len:
-        return PrefillSpan(row, q_len, s_len, key_slots=None, mask=None)
-    device = table.device
-    key_pos = torch.arange(s_len, device=device)  # [seq_len]
-    query_pos = torch.arange(s_len - q_len, s_len, device=device)  # [query_len]
-    mask = key_pos[None, :] <= query_pos[:, None]  # [query_len, seq_len]
-    slots = _sequence_slots(table, key_pos, block_size)  # [seq_len]
-    return PrefillSpan(row, q_len, s_len, key_slots=slots, mask=mask)
 
 
 def write_kv(
@@ -394,13 +260,13 @@ def paged_attention(
     if plan.paged_decode is not None:
         return _triton_attention(q, k, v, kv_cache, flat, plan, scale, gqa=gqa)  # [T, H, d]
     if plan.decode_only:  # one group, every row in order
-        return _decode_attention(q, flat, plan.decode_groups[0], scale, gqa=gqa)  # [T, H, d]
+        return sdpa_decode(q, flat, plan.decode_groups[0], scale, gqa=gqa)  # [T, H, d]
     out = q.new_empty(q.shape)  # [T, H, d]
     for group in plan.decode_groups:
-        out[group.rows] = _decode_attention(q, flat, group, scale, gqa=gqa)  # [g, H, d]
+        out[group.rows] = sdpa_decode(q, flat, group, scale, gqa=gqa)  # [g, H, d]
     for span in plan.prefills:
         rows = slice(span.row_start, span.row_start + span.query_len)
-        out[rows] = _prefill_attention(q[rows], k[rows], v[rows], flat, span, scale=scale, gqa=gqa)
+        out[rows] = sdpa_prefill(q[rows], k[rows], v[rows], flat, span, scale=scale, gqa=gqa)
     return out
 
 
@@ -434,7 +300,7 @@ def _kernel_attention(
     flat = kv_cache.view(2, num_slots, kv_cache.shape[3], kv_cache.shape[4])  # [2, slots, K, d]
     for span in plan.prefills:
         rows = slice(span.row_start, span.row_start + span.query_len)
-        out[rows] = _prefill_attention(q[rows], k[rows], v[rows], flat, span, scale=scale, gqa=gqa)
+        out[rows] = sdpa_prefill(q[rows], k[rows], v[rows], flat, span, scale=scale, gqa=gqa)
     return out
 
 
@@ -461,48 +327,7 @@ def _triton_attention(
     out[rows.rows] = decoded
     for span in plan.prefills:
         span_rows = slice(span.row_start, span.row_start + span.query_len)
-        out[span_rows] = _prefill_attention(
+        out[span_rows] = sdpa_prefill(
             q[span_rows], k[span_rows], v[span_rows], flat, span, scale=scale, gqa=gqa
         )
     return out
-
-
-def _decode_attention(
-    q: torch.Tensor, flat: torch.Tensor, group: DecodeGroup, scale: float, *, gqa: bool
-) -> torch.Tensor:
-    """One SDPA call for a group of one-query sequences, keys padded to its longest one."""
-    query = q[group.rows][:, :, None, :]  # [g, H, 1, d]
-    keys = flat[0][group.slots].transpose(1, 2)  # [g, K, max_seq_len, d]
-    values = flat[1][group.slots].transpose(1, 2)  # [g, K, max_seq_len, d]
-    out = F.scaled_dot_product_attention(
-        query, keys, values, attn_mask=group.mask, scale=scale, enable_gqa=gqa
-    )  # [g, H, 1, d]
-    return out[:, :, 0, :]  # [g, H, d]
-
-
-def _prefill_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    flat: torch.Tensor | None,
-    span: PrefillSpan,
-    *,
-    scale: float,
-    gqa: bool,
-) -> torch.Tensor:
-    """Causal attention of one sequence's query rows q [Q, H, d] -> [Q, H, d]."""
-    query = q.transpose(0, 1)[None]  # [1, H, Q, d]
-    if span.key_slots is None:
-        # No cached prefix: the fresh k/v are the whole context (same values the cache now holds).
-        keys = k.transpose(0, 1)[None]  # [1, K, Q, d]
-        values = v.transpose(0, 1)[None]  # [1, K, Q, d]
-        out = F.scaled_dot_product_attention(
-            query, keys, values, is_causal=True, scale=scale, enable_gqa=gqa
-        )  # [1, H, Q, d]
-    else:
-        keys = flat[0][span.key_slots].transpose(0, 1)[None]  # [1, K, S, d]
-        values = flat[1][span.key_slots].transpose(0, 1)[None]  # [1, K, S, d]
-        out = F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=span.mask, scale=scale, enable_gqa=gqa
-        )  # [1, H, Q, d]
-    return out[0].transpose(0, 1)  # [Q, H, d]

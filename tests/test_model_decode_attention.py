@@ -6,13 +6,25 @@ from __future__ import annotations
 import pytest
 import torch
 
+from internvl_core.model import decode_attention as decode_module
 from internvl_core.model.attention import paged_attention
 from internvl_core.model.attention_metadata import AttentionMetadata
+from internvl_core.model.cpu_kernels import load_cpu_kernels
 from internvl_core.model.decode_attention import decode_attention, write_decode_kv
 
 HEADS, HEAD_DIM = 4, 16
 BLOCK_SIZE, NUM_BLOCKS = 4, 40
 SCALE = HEAD_DIM**-0.5
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The C++ kernel (when it builds here) or the pure-torch gather path."""
+    if request.param == "kernel" and not load_cpu_kernels():
+        pytest.skip("the C++ CPU kernel does not build here")
+    if request.param == "torch":
+        monkeypatch.setattr(decode_module, "kernels_loaded", lambda: False)
+    return request.param
 
 
 def _filled_cache(kv_heads: int, gen: torch.Generator) -> torch.Tensor:
@@ -31,7 +43,7 @@ def _tables(seq_lens: list[int], gen: torch.Generator) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("kv_heads", [2, HEADS], ids=["gqa", "mha"])
-def test_matches_paged_attention(kv_heads: int) -> None:
+def test_matches_paged_attention(kv_heads: int, path: str) -> None:
     gen = torch.Generator().manual_seed(kv_heads)
     seq_lens = [1, 5, 16, 17, 33, 2]
     tables = _tables(seq_lens, gen)
@@ -75,7 +87,7 @@ def test_write_decode_kv_touches_only_its_slots() -> None:
     torch.testing.assert_close(cache, before, rtol=0, atol=0)
 
 
-def test_traces_with_fullgraph() -> None:
+def test_traces_with_fullgraph(path: str) -> None:
     """No graph break or host sync: dynamo traces write + attention as one graph."""
     gen = torch.Generator().manual_seed(2)
     cache = _filled_cache(2, gen)

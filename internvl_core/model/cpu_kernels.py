@@ -122,6 +122,11 @@ def load_cpu_kernels() -> bool:
         return ok
 
 
+def kernels_loaded() -> bool:
+    """Whether `load_cpu_kernels` has loaded them (no build, no lock: safe in traced code)."""
+    return _STATE.get("loaded", False)
+
+
 def _register_fakes() -> None:
     """Shape-only implementations, so torch.compile traces through the ops without running them."""
 

@@ -4,8 +4,8 @@ q [B, H, d] + a layer's cache [2, num_blocks, block_size, K, d] + block tables [
 [B] -> [B, H, d]. Pure torch with static shapes and no host reads, so `torch.compile(fullgraph=
 True)` traces it and a CUDA graph can replay it. On CUDA with Triton the attention itself is the
 paged Triton kernel (`triton_decode_attention.py`), which reads K/V in place instead of
-gathering every row's whole width bucket. Prefill and eager decode stay on
-`attention.paged_attention`.
+gathering every row's whole width bucket; on the CPU in float32 it is the C++ kernel when loaded.
+Prefill and eager decode stay on `attention.paged_attention`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from internvl_core.model.cpu_kernels import kernels_loaded
 from internvl_core.model.triton_decode_attention import paged_decode_attention, triton_available
 
 _TRITON = triton_available()  # read once: a plain bool for dynamo to trace through
@@ -77,6 +78,8 @@ def decode_attention(
     if q.is_cuda and _TRITON:
         # In place through the block tables (no gather of the width bucket): Triton on CUDA.
         return paged_decode_attention(q, kv_cache, block_tables, seq_lens, scale)  # [B, H, d]
+    if q.device.type == "cpu" and q.dtype == torch.float32 and kernels_loaded():
+        return _cpu_kernel_decode(q, kv_cache, block_tables, seq_lens, scale)  # [B, H, d]
     num_rows, num_heads, head_dim = q.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     group = num_heads // num_kv_heads
@@ -95,3 +98,21 @@ def decode_attention(
     probs = torch.softmax(scores, dim=-1).to(values.dtype)  # [B, K, G, S]
     out = torch.matmul(probs, values.transpose(1, 2))  # [B, K, G, d]
     return out.reshape(num_rows, num_heads, head_dim).to(q.dtype)  # [B, H, d]
+
+
+def _cpu_kernel_decode(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """The C++ CPU kernel (`internvl_cpu::paged_attention`), one query row per sequence."""
+    num_rows = q.shape[0]
+    rows = torch.arange(num_rows, dtype=torch.int64, device=q.device)  # [B] query_start
+    ones = torch.ones(num_rows, dtype=torch.int64, device=q.device)  # [B] query_lens
+    out = torch.empty_like(q)  # [B, H, d]
+    torch.ops.internvl_cpu.paged_attention(
+        q.contiguous(), kv_cache, block_tables, rows, ones, seq_lens.contiguous(), scale, out
+    )
+    return out

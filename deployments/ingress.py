@@ -1,5 +1,5 @@
-"""HTTP ingress: OpenAI routes, composition of the stages per request, SSE, error mapping.
-(Over 400 lines: the routes, the per-request composition and the SSE body share admission state.)
+"""HTTP ingress: OpenAI routes, composition of the stages per request, the SSE body.
+Error mapping and SSE framing live in `http_io.py`.
 
 In: starlette requests. Out: OpenAI JSON / server-sent events. Large arrays never materialise
 here: for a request with media, the Preprocess response is passed by reference to the vision
@@ -13,34 +13,29 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from deployments.auth import ApiKeyAuth
 from deployments.choice_streams import first_events, merge
 from deployments.events import ChoiceAccumulator, GenerationEvent, running_usage, unwrap_error
+from deployments.http_io import app_path, error_response, request_id_of, sse
 from deployments.metrics import DISCONNECT_STATUS, IngressMetrics
 from deployments.preprocess import PreprocessDeployment
 from deployments.replica_loss import (
     REPLICA_LOST_RETRIES,
-    REPLICA_LOST_RETRY_AFTER_S,
     cancel_stream,
     replica_lost,
 )
 from deployments.request_body import MAX_BODY_BYTES, parse_chat_request, read_body
 from internvl_core.errors import (
     AuthenticationError,
-    EngineDeadError,
     EngineOverloadedError,
-    InternVLError,
     ModelNotFoundError,
 )
 from internvl_core.protocol import (
@@ -49,56 +44,15 @@ from internvl_core.protocol import (
     ChatCompletionResponse,
     ChunkChoice,
     Delta,
-    ErrorBody,
-    ErrorResponse,
     ModelCard,
     ModelList,
     completion_id,
 )
 from internvl_core.serve_args import ServeArgs
-from internvl_core.validation import format_path
 
 logger = logging.getLogger(__name__)
 
 NON_STREAM_INTERVAL_S = 3600.0
-
-
-def error_response(exc: BaseException) -> JSONResponse:
-    """The single table from our exceptions to OpenAI error JSON and HTTP status codes."""
-    exc = unwrap_error(exc)
-    exc = replica_lost(exc) or exc
-    headers: dict[str, str] = {}
-    if isinstance(exc, InternVLError):
-        status, kind, message, param = exc.status_code, exc.error_type, exc.message, exc.param
-        if isinstance(exc, EngineOverloadedError):
-            headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
-        elif isinstance(exc, EngineDeadError):
-            headers["Retry-After"] = str(REPLICA_LOST_RETRY_AFTER_S)
-    elif isinstance(exc, ValidationError):
-        first = exc.errors()[0]
-        param = format_path(first["loc"]) or None
-        status, kind = 422, "invalid_request_error"
-        message = f"{param}: {first['msg']}" if param else first["msg"]
-    elif isinstance(exc, BackPressureError | DeploymentUnavailableError):
-        # A stage's Serve queue is full (its `backpressure_config` sets the status and delay)
-        # or the stage has no replica yet.
-        kind, param = "overloaded", None
-        status, retry_s = 503, 1.0
-        if isinstance(exc, BackPressureError):
-            status, retry_s = exc.status_code, exc.retry_after_s or retry_s
-        message = "the server is at capacity; retry shortly"
-        headers["Retry-After"] = str(max(1, round(retry_s)))
-    else:
-        logger.exception("internal error", exc_info=exc)
-        status, kind, param = 500, "internal_error", None
-        message = f"internal error: {type(exc).__name__}"
-    body = ErrorResponse(error=ErrorBody(message=message, type=kind, param=param, code=kind))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
-
-
-def sse(payload: dict[str, Any] | str) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-    return f"data: {data}\n\n"
 
 
 class IngressDeployment:
@@ -152,7 +106,7 @@ class IngressDeployment:
         self.auth = auth  # None: no API keys configured, every route open
 
     async def __call__(self, request: Request) -> Response:
-        path, method = _app_path(request), request.method
+        path, method = app_path(request), request.method
         chat = path == "/v1/chat/completions" and method == "POST"
         if (refused := self._authenticate(request, path)) is not None:
             if chat:
@@ -237,7 +191,7 @@ class IngressDeployment:
         slot = _Slot(self, start)
         try:
             parsed = await self._parse(request)
-            request_id, headers = _request_id(request)
+            request_id, headers = request_id_of(request)
             streams, first = await self._open(parsed, request_id)  # errors before headers
         except BaseException:
             slot.release()
@@ -400,32 +354,6 @@ class IngressDeployment:
         if usage is not None:
             payload["usage"] = usage
         return payload
-
-
-def _app_path(request: Request) -> str:
-    """The path below the app's route prefix (YAML `route_prefix: /internvl` serves
-    `/internvl/v1/chat/completions`); ASGI servers keep the prefix in `path` as `root_path`."""
-    path = request.url.path
-    root = request.scope.get("root_path", "")
-    if root and path.startswith(root):
-        path = path[len(root) :]
-    return path.rstrip("/")
-
-
-def _request_id(request: Request) -> tuple[str, dict[str, str]]:
-    """The id that logs carry end to end, and the response headers that echo the client's id.
-
-    Serve's proxy puts `x-request-id` on every request (the client's own, else a fresh one) and
-    echoes it on the response, so the header is set here only when no proxy did (a second copy
-    would reach clients as "id, id"). Clients may reuse ids while a request is in flight, and the
-    engine keys sequences by id, so a short unique suffix follows the client's id.
-    """
-    suffix = uuid.uuid4().hex[:8]
-    given = request.headers.get("x-request-id")
-    if given:
-        return f"{given}.{suffix}", {}
-    request_id = uuid.uuid4().hex
-    return f"{request_id}.{suffix}", {"x-request-id": request_id}
 
 
 @dataclass(frozen=True)

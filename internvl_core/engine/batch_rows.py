@@ -30,8 +30,9 @@ class BatchRows:
     sample_flags: list[bool] = field(default_factory=list)  # [num_seqs]
     sampling: list[SamplingRequest] = field(default_factory=list)  # [num_samples]
     deferred_rows: list[int] = field(default_factory=list)  # [num_deferred]
-    # Where each deferred row's token is sampled: (batch id, row among that batch's samples).
-    deferred_sources: list[tuple[int, int]] = field(default_factory=list)  # [num_deferred]
+    # Where each deferred row's token is sampled: a batch id and a row among its samples.
+    deferred_batches: list[int] = field(default_factory=list)  # [num_deferred]
+    deferred_samples: list[int] = field(default_factory=list)  # [num_deferred]
     image_indices: list[int] = field(default_factory=list)  # [num_image_rows]
     image_parts: list[torch.Tensor] = field(default_factory=list)  # each [rows, D]
 
@@ -41,8 +42,10 @@ class BatchRows:
         seq.num_in_flight += 1
         seq.num_in_flight_tokens += 1
         seq.num_pending_samples += 1
+        source_batch, source_row = seq.pending_sample
         self.deferred_rows.append(len(self.input_ids))
-        self.deferred_sources.append(seq.pending_sample)
+        self.deferred_batches.append(source_batch)
+        self.deferred_samples.append(source_row)
         self.input_ids.append(0)
         self.seqs.append(seq)
         self.query_lens.append(1)
@@ -135,16 +138,15 @@ class BatchRows:
     ) -> tuple[list[int], list[int]]:
         """(source batch ids in submission order, each deferred row's index into their samples
         concatenated in that order)."""
-        sources = self.deferred_sources
-        if not sources:
+        batches, rows = self.deferred_batches, self.deferred_samples
+        if not batches:
             return [], []
-        first = sources[0][0]
-        if all(batch_id == first for batch_id, _ in sources):  # the common case: one source
-            return [first], [row for _, row in sources]
-        source_ids = sorted({batch_id for batch_id, _ in sources})
+        if batches.count(batches[0]) == len(batches):  # the common case: one source
+            return [batches[0]], rows
+        source_ids = sorted(set(batches))
         offsets: dict[int, int] = {}
         total = 0
         for batch_id in source_ids:
             offsets[batch_id] = total
             total += num_samples_of(batch_id)
-        return source_ids, [offsets[batch_id] + row for batch_id, row in sources]
+        return source_ids, [offsets[b] + row for b, row in zip(batches, rows, strict=True)]

@@ -30,7 +30,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,12 +83,13 @@ class SimulatedDevice:
     def __init__(self, delay_s: float) -> None:
         self.delay_s = delay_s
         self.busy_s = 0.0
-        self._jobs: queue.SimpleQueue[tuple[Future[Any], Future[Any] | None, Callable[..., Any]]]
+        self._jobs: queue.SimpleQueue[tuple[Future[Any], list[Future[Any]], Callable[..., Any]]]
         self._jobs = queue.SimpleQueue()
         threading.Thread(target=self._run, daemon=True).start()
 
-    def launch(self, job: Callable[[Any], Any], after: Future[Any] | None) -> Future[Any]:
-        """Run `job(result of after)` once `after` is done; its future resolves D ms after start."""
+    def launch(self, job: Callable[[list[Any]], Any], after: list[Future[Any]]) -> Future[Any]:
+        """Run `job(results of after)` once `after` are done; its future resolves D ms after
+        start (like a stream waiting on events of other streams)."""
         done: Future[Any] = Future()
         self._jobs.put((done, after, job))
         return done
@@ -96,7 +97,7 @@ class SimulatedDevice:
     def _run(self) -> None:
         while True:
             done, after, job = self._jobs.get()
-            prev = after.result() if after is not None else None
+            prev = [future.result() for future in after]
             start = time.perf_counter()
             result = job(prev)
             # The tiny model's own compute is device work here: the job is padded to D ms.
@@ -133,15 +134,19 @@ class SimulatedStage:
     def init_kv_cache(self, num_blocks: int) -> None:
         self.runner.init_kv_cache(num_blocks)
 
-    def submit(self, batch: ScheduledBatch, prev: Any) -> Any:
+    def submit(self, batch: ScheduledBatch, prev: Any, sources: Sequence[Any] = ()) -> Any:
+        """Stage 0 gets `sources` (the last stage's outputs its run-ahead rows read), a later
+        stage `prev` (the previous stage's output)."""
         if self.delay_s == 0:
-            return self.runner.execute(batch, prev.hidden_states if prev is not None else None)
+            hidden = prev.hidden_states if prev is not None else None
+            return self.runner.execute(batch, hidden, sources=sources)
 
-        def job(prev_output: StageOutput | None) -> StageOutput:
-            hidden = prev_output.hidden_states if prev_output is not None else None
-            return self.runner.execute(batch, hidden)
+        def job(after: list[StageOutput]) -> StageOutput:
+            if prev is None:
+                return self.runner.execute(batch, None, sources=after)
+            return self.runner.execute(batch, after[0].hidden_states)
 
-        return self.device.launch(job, prev)
+        return self.device.launch(job, [prev] if prev is not None else list(sources))
 
     def fetch(self, handle: Any) -> StageOutput:
         return handle if self.delay_s == 0 else handle.result()

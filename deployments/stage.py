@@ -4,6 +4,8 @@ stage i), behind the engine's StageWorker protocol.
 In: ScheduledBatches from the replica's engine (each stage gets only the fields it reads). Hidden
 states go stage to stage without visiting the replica: by torch.distributed P2P between the actors
 (`pp_transport: p2p`, gloo on CPU, NCCL on CUDA) or as an ObjectRef through Ray's object store.
+A run-ahead batch's input ids come to stage 0 as the last stage's ObjectRefs of the batches that
+sampled them (a few ints each), so they never wait for the replica to read them.
 Out: StageOutput.
 Health pings run on their own thread, so a long step never makes a busy stage look dead.
 """
@@ -14,6 +16,7 @@ import asyncio
 import dataclasses
 import logging
 import socket
+from collections.abc import Sequence
 from typing import Any
 
 import ray
@@ -86,18 +89,21 @@ class StageActor:
             rank=rank, world_size=world_size, init_method=init_method, device=self.runner.device
         )
 
-    def execute(self, batch: ScheduledBatch, upstream: list[Any]) -> StageOutput:
+    def execute(
+        self, batch: ScheduledBatch, upstream: list[Any], sources: list[Any] | None = None
+    ) -> StageOutput:
         """Run the owned layers. Linked: receive from / send to the neighbour stages (`upstream`
         is []); else `upstream` is [] on stage 0 and [the previous stage's ObjectRef] after it.
+        `sources` (stage 0): the last stage's ObjectRefs of `batch.deferred_source_batch_ids`.
 
-        The ref comes nested so that Ray starts the call at once and it waits here, on the step
+        The refs come nested so that Ray starts the call at once and it waits here, on the step
         thread: a top-level ref would hold the actor's ordered queue, pings included, until the
         previous stage finished.
         """
         if self.transport is None:
             prev: StageOutput | None = ray.get(upstream[0]) if upstream else None
             hidden = prev.hidden_states if prev is not None else None
-            return self.runner.execute(batch, hidden)
+            return self.runner.execute(batch, hidden, sources=ray.get(sources or []))
         model = self.runner.model
         try:
             hidden = None
@@ -105,7 +111,7 @@ class StageActor:
                 hidden = self.transport.recv(
                     batch.num_tokens, model.arch.hidden_size, model.dtype
                 )  # [T, D]
-            output = self.runner.execute(batch, hidden)
+            output = self.runner.execute(batch, hidden, sources=ray.get(sources or []))
         except Exception:
             if not model.is_last_stage:
                 # The next stage is blocked in recv: unblock it. The engine still fails the
@@ -136,7 +142,8 @@ class RayStageWorker:
     Object store: submit chains ObjectRefs, fetch blocks on the last one. P2P: the handle is the
     list of every stage's ObjectRef so far (the hidden states go actor to actor), and fetch
     raises the first stage error among them. An actor runs one caller's calls in submission
-    order, which the pipeline (and the P2P send/recv pairing) relies on.
+    order, which the pipeline (and the P2P send/recv pairing) relies on. Either way the last
+    stage's ObjectRef of a source batch goes to stage 0 for a run-ahead batch.
     """
 
     def __init__(self, actor: Any, *, first: bool, last: bool = False, p2p: bool = False) -> None:
@@ -151,11 +158,12 @@ class RayStageWorker:
     def init_kv_cache(self, num_blocks: int) -> None:
         ray.get(self.actor.init_kv_cache.remote(num_blocks))
 
-    def submit(self, batch: ScheduledBatch, prev: Any) -> Any:
+    def submit(self, batch: ScheduledBatch, prev: Any, sources: Sequence[Any] = ()) -> Any:
         batch = stage_view(batch, first=self.first, last=self.last)
+        refs = [source[-1] if self.p2p else source for source in sources]  # last stage's
         if not self.p2p:
-            return self.actor.execute.remote(batch, [] if prev is None else [prev])
-        return [*(prev or ()), self.actor.execute.remote(batch, [])]
+            return self.actor.execute.remote(batch, [] if prev is None else [prev], refs)
+        return [*(prev or ()), self.actor.execute.remote(batch, [], refs)]
 
     def fetch(self, handle: Any) -> StageOutput:
         if not self.p2p:

@@ -1,5 +1,6 @@
 """Stage actors: each stage gets only the batch fields it reads; P2P and object-store hops give
-the in-process pipeline's tokens; a failing stage reaches fetch without hanging the next one."""
+the in-process pipeline's tokens (run-ahead steps included); a failing stage reaches fetch
+without hanging the next one."""
 
 from __future__ import annotations
 
@@ -102,13 +103,17 @@ def _local_pipeline(path: Path) -> Pipeline:
 
 
 def _generate(pipe: Pipeline) -> list[list[int]]:
-    """A prefill, then two decode steps with both batches in flight at once."""
+    """A prefill, then two decode steps with both batches in flight at once, and a step run
+    ahead on the second one's samples (stage 0 takes them from the last stage's output)."""
     first = pipe.fetch(pipe.submit(_batch(0, [[1, 2, 3, 4, 5], [6, 7]], [0, 0]))).token_ids
     steps = [first]
     second = pipe.submit(_batch(1, [[first[0]], [first[1]]], [5, 2]))
     third = pipe.submit(_batch(2, [[8, 9]], [0]))  # another sequence's prefill, in flight
-    steps.append(pipe.fetch(second).token_ids)
-    steps.append(pipe.fetch(third).token_ids)
+    ahead = _batch(3, [[0], [0]], [6, 3])
+    ahead.deferred_token_rows, ahead.deferred_sample_rows = [0, 1], [0, 1]
+    ahead.deferred_source_batch_ids = [1]
+    fourth = pipe.submit(ahead, [second])
+    steps.extend(pipe.fetch(pending).token_ids for pending in (second, third, fourth))
     return steps
 
 

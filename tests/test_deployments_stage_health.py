@@ -30,9 +30,11 @@ class SlowStageActor(StageActor):
     """The real stage whose every step takes SLOW_STEP_S longer (the GIL released, as a GPU
     step that waits on the device)."""
 
-    def execute(self, batch: ScheduledBatch, upstream: list[Any]) -> StageOutput:
+    def execute(
+        self, batch: ScheduledBatch, upstream: list[Any], sources: list[Any] | None = None
+    ) -> StageOutput:
         time.sleep(SLOW_STEP_S)
-        return super().execute(batch, upstream)
+        return super().execute(batch, upstream, sources)
 
 
 @pytest.fixture(scope="module")

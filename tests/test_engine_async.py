@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -166,7 +167,7 @@ class _BrokenStage:
     def init_kv_cache(self, num_blocks: int) -> None:
         pass
 
-    def submit(self, batch: ScheduledBatch, prev: Any) -> Any:
+    def submit(self, batch: ScheduledBatch, prev: Any, sources: Sequence[Any] = ()) -> Any:
         raise RuntimeError("device lost")
 
     def fetch(self, handle: Any) -> StageOutput:

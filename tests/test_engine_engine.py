@@ -4,6 +4,7 @@ pipeline stages all give the greedy tokens of decoding each request alone; plus 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,9 @@ import pytest
 import torch
 
 from internvl_core.config import EngineConfig, SamplingParams
+from internvl_core.engine.batch import ScheduledBatch
 from internvl_core.engine.engine import LLMEngine
+from internvl_core.engine.pipeline import PendingBatch
 from internvl_core.errors import ContextLengthError, EngineOverloadedError, InvalidRequestError
 
 FAMILIES = ["qwen2", "internlm2", "phi3", "llama"]
@@ -72,6 +75,23 @@ def _tokens(engine: LLMEngine, work: Workload) -> list[list[int]]:
     return [out.token_ids for out in done]
 
 
+def _spy_batches(engine: LLMEngine) -> list[ScheduledBatch]:
+    """Every batch the engine submits from now on."""
+    batches: list[ScheduledBatch] = []
+    submit = engine.pipeline.submit
+
+    def spy(batch: ScheduledBatch, sources: Sequence[PendingBatch] = ()) -> PendingBatch:
+        batches.append(batch)
+        return submit(batch, sources)
+
+    engine.pipeline.submit = spy  # type: ignore[method-assign]
+    return batches
+
+
+def _ran_ahead(batches: list[ScheduledBatch]) -> int:
+    return sum(len(batch.deferred_token_rows) for batch in batches)
+
+
 def _assert_drained(engine: LLMEngine) -> None:
     assert not engine.has_unfinished()
     stats = engine.stats
@@ -106,8 +126,10 @@ def test_pipeline_parallel_equals_pp1(tiny_checkpoint: Any, pp_size: int) -> Non
     expected = _tokens(pp1, work)
     engine = _engine(path, pp_size=pp_size, **config)
     assert engine.pipeline.pp_size == pp_size
+    batches = _spy_batches(engine)
     assert _tokens(engine, work) == expected
     assert engine.stats.num_preemptions > 0 and engine.stats.prefix_cache_hit_rate > 0
+    assert _ran_ahead(batches) > 0, "micro-batches queued again on in-flight samples"
     _assert_drained(engine)
 
 
@@ -264,24 +286,37 @@ def _summary(outs: list[Any]) -> tuple[list[int], str, str | None, Any]:
     return tokens, "".join(o.text_delta for o in outs), last.finish_reason, last.stop_reason
 
 
-def test_async_scheduling_equals_one_batch_at_a_time(tiny_qwen2: Path) -> None:
-    """Placeholder tokens fed from the previous batch's samples give the same tokens and text;
-    preemption happens with a step in flight; no block leaks."""
+@pytest.mark.parametrize("pp_size", [1, 2])
+def test_async_scheduling_equals_one_batch_at_a_time(tiny_qwen2: Path, pp_size: int) -> None:
+    """Placeholder tokens fed from in-flight batches' samples give the same tokens and text;
+    preemption happens with a step in flight; no block leaks. At PP=2 each micro-batch is
+    queued again before the host has read its tokens (2 * pp_size batches in flight)."""
     config = EngineConfig(
-        block_size=BLOCK, max_num_seqs=16, max_num_batched_tokens=24, num_kv_blocks=40
+        block_size=BLOCK,
+        max_num_seqs=16,
+        max_num_batched_tokens=24,
+        num_kv_blocks=40,
+        pp_size=pp_size,
     )
     sync = LLMEngine.from_checkpoint(tiny_qwen2, config, async_scheduling=False)
     engine = LLMEngine.from_checkpoint(tiny_qwen2, config)
-    assert (sync.max_in_flight, engine.max_in_flight) == (1, 2)
+    assert (sync.max_in_flight, engine.max_in_flight) == (pp_size, 2 * pp_size)
+    batches = _spy_batches(engine)
     work = _workload(sync, 20, seed=3)
     assert _tokens(engine, work) == _tokens(sync, work)
     assert engine.stats.num_preemptions > 0, "the KV budget should force preemption"
+    assert _ran_ahead(batches) > 0
+    for batch in batches:  # stage 0 never waits for a batch still ahead of it
+        assert all(s <= batch.batch_id - pp_size for s in batch.deferred_source_batch_ids)
     _assert_drained(engine)
 
 
+@pytest.mark.parametrize("pp_size", [1, 2])
 @pytest.mark.parametrize("max_tokens", range(1, 7))
-def test_async_max_tokens_at_every_position(tiny_qwen2: Path, max_tokens: int) -> None:
-    engine = _engine(tiny_qwen2, num_kv_blocks=64)
+def test_async_max_tokens_at_every_position(
+    tiny_qwen2: Path, max_tokens: int, pp_size: int
+) -> None:
+    engine = _engine(tiny_qwen2, num_kv_blocks=64, pp_size=pp_size)
     prompt = list(range(10, 30))
     ref = engine.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True))[0]
     # Two requests so the engine always has another batch in flight.
@@ -297,8 +332,11 @@ def test_async_max_tokens_at_every_position(tiny_qwen2: Path, max_tokens: int) -
     _assert_drained(engine)
 
 
-def test_async_stop_string_at_every_position(tiny_qwen2: Path) -> None:
-    engine = _engine(tiny_qwen2, num_kv_blocks=64)
+@pytest.mark.parametrize("pp_size", [1, 2])
+def test_async_stop_string_at_every_position(tiny_qwen2: Path, pp_size: int) -> None:
+    """A stop string seen by the output side ends the request exactly, wherever it falls among
+    the steps already queued on its in-flight samples."""
+    engine = _engine(tiny_qwen2, num_kv_blocks=64, pp_size=pp_size)
     prompt = list(range(10, 30))
     neighbour = (list(range(40, 50)), SamplingParams(max_tokens=12, ignore_eos=True))
     ref = engine.generate([prompt], SamplingParams(max_tokens=12, ignore_eos=True))[0]
@@ -319,8 +357,9 @@ def test_async_stop_string_at_every_position(tiny_qwen2: Path) -> None:
     assert checked >= 3
 
 
-def test_async_abort_while_its_step_is_in_flight(tiny_qwen2: Path) -> None:
-    engine = _engine(tiny_qwen2, num_kv_blocks=64)
+@pytest.mark.parametrize("pp_size", [1, 2])
+def test_async_abort_while_its_step_is_in_flight(tiny_qwen2: Path, pp_size: int) -> None:
+    engine = _engine(tiny_qwen2, num_kv_blocks=64, pp_size=pp_size)
     prompt_b = list(range(40, 50))
     ref_b = engine.generate([prompt_b], SamplingParams(max_tokens=10, ignore_eos=True))[0]
     engine.add_request("a", list(range(10, 30)), SamplingParams(max_tokens=20, ignore_eos=True))
@@ -328,8 +367,12 @@ def test_async_abort_while_its_step_is_in_flight(tiny_qwen2: Path) -> None:
     outs: list[Any] = []
     for _ in range(3):
         outs.extend(engine.step())
-    in_flight = {rid for pending in engine._in_flight for rid in pending.batch.request_ids}
-    assert "a" in in_flight, "a decode step of a is on the device"
+    run_ahead = [
+        pending.batch.request_ids[row]
+        for pending in engine._in_flight
+        for row in pending.batch.deferred_token_rows  # decode rows: token row = sequence row
+    ]
+    assert "a" in run_ahead, "a step of a on an in-flight sample of a is on the device"
     engine.abort("a")
     while engine.has_unfinished():
         outs.extend(engine.step())
@@ -339,10 +382,11 @@ def test_async_abort_while_its_step_is_in_flight(tiny_qwen2: Path) -> None:
     _assert_drained(engine)
 
 
-def test_async_stop_id_at_every_position(tiny_qwen2: Path) -> None:
+@pytest.mark.parametrize("pp_size", [1, 2])
+def test_async_stop_id_at_every_position(tiny_qwen2: Path, pp_size: int) -> None:
     """The vectorised token-level check ends a request at its first stop id, wherever it falls
     in the run-ahead; stop-table rows are all returned."""
-    engine = _engine(tiny_qwen2, num_kv_blocks=64)
+    engine = _engine(tiny_qwen2, num_kv_blocks=64, pp_size=pp_size)
     prompt = list(range(10, 30))
     neighbour = (list(range(40, 50)), SamplingParams(max_tokens=10, ignore_eos=True))
     ref = engine.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True))[0]

@@ -1,4 +1,5 @@
-"""ModelRunner: metadata from a ScheduledBatch, image splicing, chunked prefill, KV sizing."""
+"""ModelRunner: metadata from a ScheduledBatch, image splicing, chunked prefill, KV sizing,
+run-ahead rows fed from earlier batches' samples."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import pytest
 import torch
 
 from internvl_core.config import EngineConfig, ModelArchitecture, SamplingParams
-from internvl_core.engine.batch import SamplingRequest, ScheduledBatch
+from internvl_core.engine.batch import SamplingRequest, ScheduledBatch, StageOutput
 from internvl_core.engine.kv_cache import kv_block_bytes, plan_num_blocks
 from internvl_core.engine.model_runner import ModelRunner
+from internvl_core.engine.sampler import SamplerOutput
 from internvl_core.errors import InternVLError
 from internvl_core.model.attention_metadata import AttentionMetadata
 from internvl_core.model.decoder import DecoderModel
@@ -194,3 +196,28 @@ def test_plain_greedy_batches_skip_the_sampler_set_up(model: DecoderModel) -> No
     ref = mixed.execute(batch)
     assert out.sampled is not None and ref.sampled is not None
     assert out.sampled.token_ids == ref.sampled.token_ids
+
+
+def test_run_ahead_rows_take_ids_from_the_sampling_batches(model: DecoderModel) -> None:
+    """Placeholder rows read the sources' samples concatenated in order, on the device or read
+    back (a Ray stage's output arrives as host ids): the same as the ids written out."""
+    ids = [5, 9]  # the "sampled" ids: 5 from batch 3 (row 1), 9 from batch 4 (row 0)
+    ref = _runner(model).execute(_batch([1, 1, 1], [2, 3, 1], [[0], [1], [2]], [7, *ids]))
+    sources = [
+        StageOutput(3, sampled=SamplerOutput(device_token_ids=torch.tensor([11, 5]))),
+        StageOutput(4, sampled=SamplerOutput(token_ids=[9, 12, 13])),
+    ]
+    batch = _batch(
+        [1, 1, 1],
+        [2, 3, 1],
+        [[0], [1], [2]],
+        [7, 0, 0],
+        deferred_token_rows=[1, 2],
+        deferred_sample_rows=[1, 2],  # row 1 of batch 3; row 0 of batch 4 (after 3's 2)
+        deferred_source_batch_ids=[3, 4],
+    )
+    out = _runner(model).execute(batch, sources=sources)
+    assert out.sampled is not None and ref.sampled is not None
+    assert out.sampled.token_ids == ref.sampled.token_ids
+    with pytest.raises(AssertionError, match="in order"):
+        _runner(model).execute(batch, sources=sources[::-1])

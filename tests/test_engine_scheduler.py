@@ -20,10 +20,12 @@ MakeScheduler = Callable[..., Scheduler]
 def make_scheduler() -> Iterator[MakeScheduler]:
     made: list[Scheduler] = []
 
-    def make(num_blocks: int = 16, block_size: int = 4, **config: object) -> Scheduler:
+    def make(
+        num_blocks: int = 16, block_size: int = 4, *, async_decode: bool = False, **config: object
+    ) -> Scheduler:
         cfg = EngineConfig(block_size=block_size, num_kv_blocks=num_blocks, **config)
         bm = BlockManager(num_blocks, block_size, enable_prefix_caching=cfg.enable_prefix_caching)
-        made.append(Scheduler(cfg, bm))
+        made.append(Scheduler(cfg, bm, async_decode=async_decode))
         return made[-1]
 
     yield make
@@ -258,12 +260,17 @@ def test_same_image_shares_blocks_other_image_does_not(make_scheduler: MakeSched
     assert other.num_cached_tokens == 0 and set(other.block_table).isdisjoint(first.block_table)
 
 
+@pytest.mark.parametrize("run_ahead", [False, True])
 @pytest.mark.parametrize("pp_size", [2, 4])
-def test_pipeline_micro_batches_rebalance(make_scheduler: MakeScheduler, pp_size: int) -> None:
-    """pp_size micro-batches in flight: after prefills of unequal length, and again after some
-    sequences finish, steady decode micro-batches differ by at most one sequence; nobody
-    starves (every live sequence decodes once per round)."""
-    sched = make_scheduler(num_blocks=200, block_size=4, pp_size=pp_size)
+def test_pipeline_micro_batches_rebalance(
+    make_scheduler: MakeScheduler, pp_size: int, run_ahead: bool
+) -> None:
+    """pp_size micro-batches in flight (twice that with run-ahead: each queued again on its
+    in-flight samples): after prefills of unequal length, and again after some sequences
+    finish, steady decode micro-batches differ by at most one sequence; nobody starves (every
+    live sequence decodes once per round)."""
+    sched = make_scheduler(num_blocks=200, block_size=4, pp_size=pp_size, async_decode=run_ahead)
+    max_in_flight = 2 * pp_size if run_ahead else pp_size
     seqs = [_seq(f"s{i}", list(range(1, 2 + 7 * (i % 3))), max_tokens=50) for i in range(13)]
     for seq in seqs:
         sched.add(seq)
@@ -272,21 +279,24 @@ def test_pipeline_micro_batches_rebalance(make_scheduler: MakeScheduler, pp_size
     def round_sizes(num_rounds: int) -> list[int]:
         sizes: list[int] = []
         for _ in range(num_rounds * pp_size):
-            while len(in_flight) < pp_size and (batch := sched.schedule()) is not None:
+            while len(in_flight) < max_in_flight and (batch := sched.schedule()) is not None:
+                assert all(s <= batch.batch_id - pp_size for s in batch.deferred_source_batch_ids)
                 in_flight.append(batch)
             done = in_flight.pop(0)
             sched.update(done.batch_id, [7] * sum(done.sample_flags))
             sizes.append(done.num_seqs)
         return sizes[-pp_size:]
 
-    round_sizes(5)
+    # Rounds to settle: with run-ahead only a micro-batch's tail moves to the next one.
+    settle, resettle = (12, 8) if run_ahead else (5, 3)
+    round_sizes(settle)
     before = [s.num_output_tokens for s in sched.running]
     sizes = round_sizes(1)
     assert max(sizes) - min(sizes) <= 1 and sum(sizes) == 13, sizes
     assert [s.num_output_tokens - b for s, b in zip(sched.running, before, strict=True)] == [1] * 13
     for seq in seqs[:5]:  # finished from one end: the micro-batches rebalance
         sched.finish(seq, SequenceStatus.FINISHED_STOPPED)
-    round_sizes(3)
+    round_sizes(resettle)
     sizes = round_sizes(1)
     assert max(sizes) - min(sizes) <= 1 and sum(sizes) == 8, sizes
     for batch in in_flight:

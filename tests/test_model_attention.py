@@ -189,4 +189,17 @@ def test_group_memo_equals_a_fresh_grouping_after_every_shift(seed: int) -> None
         shifted = np.array(lens, dtype=np.int64) + shift
         groups = [g.tolist() for g in memo.groups_for(shifted, 256)]
         assert groups == sdpa_attention.group_by_length(shifted.tolist(), 256)
-    assert memo.key is not None
+    assert len(memo._groups) == 1, "every shift reused the first answer"
+
+
+def test_group_memo_keeps_the_answers_of_alternating_micro_batches() -> None:
+    """Pipeline micro-batches take turns: each one's grouping is reused on its next step, and
+    the memo stays bounded."""
+    memo = sdpa_attention.GroupMemo(capacity=2)
+    first = np.array([5, 300, 7, 290], dtype=np.int64)
+    second = np.array([40, 41, 600], dtype=np.int64)
+    answers = [memo.groups_for(first, 256), memo.groups_for(second, 256)]
+    assert memo.groups_for(first + 1, 256) is answers[0]
+    assert memo.groups_for(second + 1, 256) is answers[1]
+    memo.groups_for(np.array([1, 900], dtype=np.int64), 256)
+    assert len(memo._groups) == 2, "the oldest answer made room"

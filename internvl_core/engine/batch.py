@@ -54,10 +54,13 @@ class ScheduledBatch:
     image_token_indices: list[int] = field(default_factory=list)  # [num_image_rows] token rows
     # Requests gone since the previous batch: stages drop their per-request state (generators).
     finished_request_ids: list[str] = field(default_factory=list)
-    # Async decoding: token rows whose id is still on the device, sampled by the previous batch
-    # (batch_id - 1) at these rows of its samples; `input_token_ids` holds 0 there.
+    # Run-ahead decoding: token rows whose id is still on the device, sampled by earlier batches
+    # still in flight (`deferred_source_batch_ids`, in submission order); `deferred_sample_rows`
+    # index their samples concatenated in that order. `input_token_ids` holds 0 there. Stage 0
+    # receives those batches' last-stage outputs along with this batch.
     deferred_token_rows: list[int] = field(default_factory=list)  # [num_deferred]
     deferred_sample_rows: list[int] = field(default_factory=list)  # [num_deferred]
+    deferred_source_batch_ids: list[int] = field(default_factory=list)  # [num_sources]
 
     @property
     def num_seqs(self) -> int:

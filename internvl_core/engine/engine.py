@@ -1,10 +1,12 @@
 """LLMEngine: requests in (prompt ids, image embeddings, SamplingParams), token/text deltas out.
 
-Each `step()` first plans and submits batches until `max_in_flight` are in the Pipeline (pp_size,
-or 2 at PP=1 with async scheduling: step N+1 is prepared while step N runs), then collects the
-oldest one's sampled tokens, detokenizes them, applies the stop rules and frees finished requests.
-The host reads results one step behind the device; a request that stops at step N may have run one
-more, discarded step.
+Each `step()` first plans and submits batches until `max_in_flight` are in the Pipeline, then
+collects the oldest one's sampled tokens, detokenizes them, applies the stop rules and frees
+finished requests. With async scheduling (the default) `max_in_flight` is 2 * pp_size: each of the
+pp_size micro-batches is queued again (as a run-ahead step whose input tokens stage 0 takes from
+the last stage's samples) before the host has read its previous tokens, so no stage waits for
+the host. The host reads results one step behind the device; a request that stops at step N may
+have run one more, discarded step (its blocks are freed when the stop is seen).
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ class LLMEngine:
         async_scheduling: bool = True,
     ) -> None:
         """`tokenizer` None: no text (deltas stay empty) and stop strings are refused.
-        `async_scheduling` (PP=1): plan step N+1 while step N runs (else one batch at a time)."""
+        `async_scheduling`: plan each (micro-)batch's next step while it runs (else pp_size
+        batches in flight, each planned once the host has its tokens)."""
         self.pipeline = pipeline
         self.tokenizer = tokenizer
         self.config = config
@@ -91,12 +94,12 @@ class LLMEngine:
             enable_prefix_caching=config.enable_prefix_caching,
         )
         pp_size = pipeline.pp_size
-        async_decode = async_scheduling and pp_size == 1
-        self.max_in_flight = 2 if async_decode else pp_size
-        # PP > 1: a returned micro-batch's sequences go back to stage 0 before the output side
-        # runs, so stage 0 does not idle through detokenization (stop strings abort one step on).
-        self._resubmit_after_fetch = pp_size > 1
-        self.scheduler = Scheduler(config, self.block_manager, async_decode=async_decode)
+        self.max_in_flight = 2 * pp_size if async_scheduling else pp_size
+        # PP > 1: when fewer than pp_size batches are left in flight after a fetch (nothing ran
+        # ahead: penalties, min_tokens, last tokens), the returned micro-batch's sequences go back
+        # to stage 0 before the output side runs, so stage 0 does not idle through it.
+        self._refill_after_fetch = pp_size if pp_size > 1 else 0
+        self.scheduler = Scheduler(config, self.block_manager, async_decode=async_scheduling)
         self._states: dict[str, RequestState] = {}
         self._token_stops = TokenStops(capacity=config.max_num_seqs)
         self.output_processor = OutputProcessor(self._states, self._finish)
@@ -275,8 +278,9 @@ class LLMEngine:
     def step_tokens(self) -> StepTokens:
         """The step loop without the output side: plan and submit until `max_in_flight` batches
         are in flight, then read back the oldest; requests ending by a stop id or length are
-        freed here (one vectorised check over the batch). At PP > 1 the freed slot is refilled
-        at once (before the output side). Aborted requests' outputs wait for `step`."""
+        freed here (one vectorised check over the batch). At PP > 1 the pipeline is refilled to
+        pp_size batches at once (before the output side). Aborted requests' outputs wait for
+        `step`."""
         self._submit_ready()
         if not self._in_flight:
             return StepTokens()
@@ -299,8 +303,8 @@ class LLMEngine:
         step = StepTokens(grown, token_ids)
         if sampled.logprobs is not None or sampled.top_logprobs is not None:
             _attach_logprobs(step, pending, sampled)
-        if self._resubmit_after_fetch:
-            self._submit_ready()
+        if self._refill_after_fetch:
+            self._submit_ready(self._refill_after_fetch)
         return step
 
     def _finish(self, seq: Sequence, status: SequenceStatus) -> None:
@@ -310,13 +314,20 @@ class LLMEngine:
             self._token_stops.free(seq.stop_row)
             seq.stop_row = -1
 
-    def _submit_ready(self) -> None:
-        """Plan and submit batches until `max_in_flight` are in the pipeline or none can run."""
-        while len(self._in_flight) < self.max_in_flight:
+    def _submit_ready(self, limit: int | None = None) -> None:
+        """Plan and submit batches until `limit` (default `max_in_flight`) are in the pipeline
+        or none can run."""
+        limit = self.max_in_flight if limit is None else limit
+        in_flight = self._in_flight
+        while len(in_flight) < limit:
             batch = self.scheduler.schedule()
             if batch is None:
                 break
-            self._in_flight.append(self.pipeline.submit(batch))
+            sources: list[PendingBatch] = []
+            if batch.deferred_source_batch_ids:
+                by_id = {pending.batch.batch_id: pending for pending in in_flight}
+                sources = [by_id[batch_id] for batch_id in batch.deferred_source_batch_ids]
+            in_flight.append(self.pipeline.submit(batch, sources))
 
     # ---- offline convenience ----------------------------------------------------------------
     def generate(

@@ -1,13 +1,15 @@
 """One pipeline stage: ScheduledBatch (+ the previous stage's hidden states) -> StageOutput.
 
-Stage 0 embeds tokens and splices image embeddings at `<IMG_CONTEXT>` rows; every stage builds
-the AttentionMetadata on its own device and runs its layers; the last stage applies the head and
+Stage 0 embeds tokens (run-ahead rows take their ids from earlier batches' sampled outputs, on
+the device) and splices image embeddings at `<IMG_CONTEXT>` rows; every stage builds the
+AttentionMetadata on its own device and runs its layers; the last stage applies the head and
 samples.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from itertools import chain
 
 import numpy as np
@@ -58,8 +60,6 @@ class ModelRunner:
         vocab_size = model.arch.vocab_size
         self.structured = structured or StructuredOutputs(None, vocab_size=vocab_size)
         self._generators: dict[str, torch.Generator | None] = {}
-        # (batch id, [num_samples] sampled ids on the device): feeds the next batch's placeholders.
-        self._last_sampled: tuple[int, torch.Tensor] | None = None
         if self.device.type == "cpu" and model.dtype == torch.float32:
             load_cpu_kernels()  # build or load the C++ attention kernel now, not in a request
             prepack_linears(model)  # oneDNN-packed weights for every plain linear
@@ -143,8 +143,15 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, hidden: torch.Tensor | None = None) -> StageOutput:
-        """Run this stage on `batch`; `hidden` [num_tokens, D] comes from the previous stage."""
+    def execute(
+        self,
+        batch: ScheduledBatch,
+        hidden: torch.Tensor | None = None,
+        *,
+        sources: Sequence[StageOutput] = (),
+    ) -> StageOutput:
+        """Run this stage on `batch`; `hidden` [num_tokens, D] comes from the previous stage.
+        Stage 0: `sources` are the last stage's outputs of `batch.deferred_source_batch_ids`."""
         assert self.kv_cache is not None, "init_kv_cache() first"
         model = self.model
         for request_id in batch.finished_request_ids:
@@ -152,10 +159,10 @@ class ModelRunner:
         self.structured.free(batch.finished_request_ids)  # structured outputs: drop matchers
         compiled = self.compiled_decode
         if compiled is not None and compiled.supports(batch):
-            return self._execute_compiled(compiled, batch, hidden)
+            return self._execute_compiled(compiled, batch, hidden, sources)
         inputs = self.prepare_input(batch)
-        if batch.deferred_token_rows:
-            self._fill_deferred(batch, inputs.input_ids)
+        if batch.deferred_token_rows and model.is_first_stage:
+            self._fill_deferred(batch, inputs.input_ids, sources)
         if model.is_first_stage:
             hidden = self._embed(batch, inputs)  # [T, D]
         else:
@@ -168,12 +175,17 @@ class ModelRunner:
         return StageOutput(batch.batch_id, sampled=sampled)
 
     def _execute_compiled(
-        self, compiled: CompiledDecode, batch: ScheduledBatch, hidden: torch.Tensor | None
+        self,
+        compiled: CompiledDecode,
+        batch: ScheduledBatch,
+        hidden: torch.Tensor | None,
+        sources: Sequence[StageOutput],
     ) -> StageOutput:
         """A decode-only step through the compiled forward (padded rows dropped inside)."""
-        view = compiled.prepare(batch, None if self.model.is_first_stage else hidden)
-        if batch.deferred_token_rows:
-            self._fill_deferred(batch, view.input_ids)
+        first = self.model.is_first_stage
+        view = compiled.prepare(batch, None if first else hidden)
+        if batch.deferred_token_rows and first:
+            self._fill_deferred(batch, view.input_ids, sources)
         hidden = compiled.forward(view)  # [S, D]
         if not self.model.is_last_stage:
             return StageOutput(batch.batch_id, hidden_states=hidden)
@@ -181,16 +193,23 @@ class ModelRunner:
         sample_indices = torch.from_numpy(np.flatnonzero(flags)).to(self.device)  # [num_samples]
         return StageOutput(batch.batch_id, sampled=self._sample(batch, hidden, sample_indices))
 
-    def _fill_deferred(self, batch: ScheduledBatch, input_ids: torch.Tensor) -> None:
-        """Placeholder tokens take the previous batch's sampled ids, without leaving the device."""
-        last = self._last_sampled
-        assert self.model.is_first_stage and self.model.is_last_stage, "async decode is PP=1"
-        assert last is not None and last[0] == batch.batch_id - 1, "samples of the batch before"
+    def _fill_deferred(
+        self, batch: ScheduledBatch, input_ids: torch.Tensor, sources: Sequence[StageOutput]
+    ) -> None:
+        """Placeholder tokens take earlier batches' sampled ids, without leaving the device."""
+        assert [s.batch_id for s in sources] == batch.deferred_source_batch_ids, (
+            "the sampling batches' outputs, in order"
+        )
         device = self.device
+        parts = []
+        for source in sources:
+            assert source.sampled is not None, "a source is a last stage's output"
+            parts.append(source.sampled.ids_on(device))  # [num_samples]
+        samples = parts[0] if len(parts) == 1 else torch.cat(parts)  # [num_source_samples]
         rows = torch.from_numpy(np.array(batch.deferred_token_rows, dtype=np.int64))  # [P]
-        sources = torch.from_numpy(np.array(batch.deferred_sample_rows, dtype=np.int64))  # [P]
-        rows, sources = rows.to(device), sources.to(device)  # [P], [P]
-        input_ids[rows] = last[1][sources]
+        picks = torch.from_numpy(np.array(batch.deferred_sample_rows, dtype=np.int64))  # [P]
+        rows, picks = rows.to(device), picks.to(device)  # [P], [P]
+        input_ids[rows] = samples[picks]
 
     def _embed(self, batch: ScheduledBatch, inputs: ModelInput) -> torch.Tensor:
         hidden = self.model.embed_tokens(inputs.input_ids)  # [T, D]
@@ -208,7 +227,6 @@ class ModelRunner:
         assert self.sampler is not None
         requests = batch.sampling
         if not requests:
-            self._last_sampled = None
             return SamplerOutput(token_ids=[])
         # Every row samples only in a decode batch where each sequence does: no gather then.
         sampled_rows = hidden if len(requests) == hidden.shape[0] else hidden[sample_indices]
@@ -216,7 +234,6 @@ class ModelRunner:
         if all(r.plain_greedy for r in requests):
             # The common decode step: no generators, grammar or logits processing to set up.
             chosen = logits.argmax(dim=-1)  # [num_samples]
-            self._last_sampled = (batch.batch_id, chosen)
             return SamplerOutput(device_token_ids=chosen)
         known = self._generators
         for req in requests:
@@ -236,7 +253,6 @@ class ModelRunner:
         output = self.sampler(logits, sampling)
         if self.structured.num_active:  # (reading the ids back is the host's sync point)
             self.structured.advance(batch.sampling, output.token_ids)
-        self._last_sampled = (batch.batch_id, self.sampler.last_token_ids)
         return output
 
 

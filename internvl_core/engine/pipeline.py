@@ -2,6 +2,9 @@
 
 `StageWorker` is the small protocol between the engine and a stage: `LocalStageWorker` runs a
 ModelRunner in process; a Ray actor stage (deployments/) implements the same four methods.
+A run-ahead batch (its input tokens are samples of batches still in flight) also hands stage 0
+those batches' last-stage handles, so the sampled ids go from the last stage to stage 0 without
+waiting for the host to read them.
 """
 
 from __future__ import annotations
@@ -32,15 +35,17 @@ class StageWorker(Protocol):
 
     `submit` starts the stage on a batch and returns an opaque handle to its output; the next
     stage's `submit` receives that handle as `prev` (a Ray stage passes an ObjectRef through, so
-    hidden states move stage to stage without visiting the engine). A stage must run batches in
-    submission order. `fetch` blocks for the StageOutput behind a handle of the last stage.
+    hidden states move stage to stage without visiting the engine). Stage 0 receives as `sources`
+    the last stage's handles of `batch.deferred_source_batch_ids` (empty unless the batch runs
+    ahead) and waits for them on its own side. A stage must run batches in submission order.
+    `fetch` blocks for the StageOutput behind a handle of the last stage.
     """
 
     def plan_kv_blocks(self, config: EngineConfig) -> int: ...
 
     def init_kv_cache(self, num_blocks: int) -> None: ...
 
-    def submit(self, batch: ScheduledBatch, prev: Any) -> Any: ...
+    def submit(self, batch: ScheduledBatch, prev: Any, sources: Sequence[Any] = ()) -> Any: ...
 
     def fetch(self, handle: Any) -> StageOutput: ...
 
@@ -57,9 +62,14 @@ class LocalStageWorker:
     def init_kv_cache(self, num_blocks: int) -> None:
         self.runner.init_kv_cache(num_blocks)
 
-    def submit(self, batch: ScheduledBatch, prev: StageOutput | None) -> StageOutput:
+    def submit(
+        self,
+        batch: ScheduledBatch,
+        prev: StageOutput | None,
+        sources: Sequence[StageOutput] = (),
+    ) -> StageOutput:
         hidden = prev.hidden_states if prev is not None else None
-        return self.runner.execute(batch, hidden)
+        return self.runner.execute(batch, hidden, sources=sources)
 
     def fetch(self, handle: StageOutput) -> StageOutput:
         return handle
@@ -92,9 +102,12 @@ class Pipeline:
         logger.info("pipeline of %d stage(s): %d KV blocks each", self.pp_size, num_blocks)
         return num_blocks
 
-    def submit(self, batch: ScheduledBatch) -> PendingBatch:
-        handle: Any = None
-        for stage in self.stages:
+    def submit(self, batch: ScheduledBatch, sources: Sequence[PendingBatch] = ()) -> PendingBatch:
+        """Start `batch` on every stage; `sources` are the in-flight batches whose samples its
+        run-ahead rows take (`batch.deferred_source_batch_ids`, same order)."""
+        first, *rest = self.stages
+        handle = first.submit(batch, None, [source.handle for source in sources])
+        for stage in rest:
             handle = stage.submit(batch, handle)
         return PendingBatch(batch, handle)
 

@@ -47,7 +47,8 @@ class SamplerOutput:
 
     The ids may stay on the device (`device_token_ids`, [N] int64) until `token_ids` is first
     read: the read-back is the host's sync point, so it happens at fetch, not inside `execute`.
-    Pickling (a Ray stage's reply) reads them back first.
+    Pickling (a Ray stage's reply) reads them back first. `ids_on` gives them as a tensor (stage 0
+    feeds run-ahead steps from it).
     """
 
     __slots__ = ("_device_token_ids", "_token_ids", "logprobs", "top_logprobs")
@@ -60,7 +61,7 @@ class SamplerOutput:
         *,
         device_token_ids: Tensor | None = None,
     ) -> None:
-        assert (token_ids is None) != (device_token_ids is None), "host ids or device ids"
+        assert token_ids is not None or device_token_ids is not None, "host or device ids"
         self._token_ids = token_ids
         self._device_token_ids = device_token_ids  # [N] int64
         self.logprobs = logprobs
@@ -71,8 +72,14 @@ class SamplerOutput:
         if self._token_ids is None:
             assert self._device_token_ids is not None
             self._token_ids = self._device_token_ids.tolist()
-            self._device_token_ids = None
         return self._token_ids
+
+    def ids_on(self, device: torch.device) -> Tensor:
+        """The ids as a [N] int64 tensor on `device` (no host round-trip while still there)."""
+        ids = self._device_token_ids
+        if ids is None:
+            ids = torch.tensor(self.token_ids, dtype=torch.long)  # [N]
+        return ids.to(device)
 
     def __reduce__(self) -> tuple[type[SamplerOutput], tuple[Any, ...]]:
         return (SamplerOutput, (self.token_ids, self.logprobs, self.top_logprobs))
@@ -111,8 +118,6 @@ class Sampler:
         """`seed` seeds the shared generator used by rows without their own (reproducible tests)."""
         self._seed = seed
         self._shared: dict[torch.device, torch.Generator] = {}
-        # [N] int64 on the logits' device: the latest call's ids (async decode feeds them on).
-        self.last_token_ids = torch.empty(0, dtype=torch.long)
 
     def __call__(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
         """Sample one token per row of `logits` [N, V] (float32); `logits` is not modified."""
@@ -131,10 +136,9 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None  # [N, V]
         # [N]: argmax for an all-greedy batch, else warped and sampled rows
         chosen = processed.argmax(dim=-1) if all_greedy else self._sample(processed, batch)
-        self.last_token_ids = chosen
         if raw_logprobs is None:
             return SamplerOutput(device_token_ids=chosen)
-        return _gather_logprobs(raw_logprobs, chosen, params, chosen.tolist())
+        return _gather_logprobs(raw_logprobs, chosen, params)
 
     def _sample(self, logits: Tensor, batch: SamplingBatch) -> Tensor:
         """Greedy rows take argmax; the others are warped and sampled by the exponential race."""
@@ -321,7 +325,6 @@ def _gather_logprobs(
     raw_logprobs: Tensor,
     chosen: Tensor,
     params: Sequence[SamplingParams],
-    token_ids: list[int],
 ) -> SamplerOutput:
     """Chosen-token logprob for every row, plus each row's `top_logprobs` best alternatives."""
     chosen_lp: list[float] = raw_logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
@@ -334,4 +337,6 @@ def _gather_logprobs(
         for i, p in enumerate(params):
             k = p.top_logprobs
             top[i] = list(zip(index_rows[i][:k], value_rows[i][:k], strict=True))
-    return SamplerOutput(token_ids=token_ids, logprobs=chosen_lp, top_logprobs=top)
+    return SamplerOutput(
+        chosen.tolist(), chosen_lp, top, device_token_ids=chosen
+    )  # ids on the host and (for run-ahead steps) on the device

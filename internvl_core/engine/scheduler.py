@@ -1,4 +1,3 @@
-# Over 400 lines: planning, row building and update share the in-flight counters (issue 12).
 """Continuous batching: waiting/running queues -> one `ScheduledBatch` per step.
 
 FCFS: running sequences first (decodes and unfinished prefill chunks, oldest first), then new
@@ -6,9 +5,10 @@ admissions while the token budget, `max_num_seqs` and free KV blocks allow. When
 newest running sequence is preempted by recompute (blocks freed, back to the front of the queue).
 
 With `async_decode` a sequence whose sample is still in flight is planned again at once: its next
-token is a placeholder the stage fills from the previous batch's sampled ids on the device (vLLM
-V1's async scheduling). With `pp_size` > 1 each batch takes its share of the runnable tokens, so
-the `pp_size` micro-batches in flight stay near-equal.
+token is a placeholder stage 0 fills from the sampling batch's ids on the device (vLLM V1's async
+scheduling); at PP > 1 that batch's output goes from the last stage straight to stage 0, so a
+micro-batch is queued again before the host has read its previous tokens. With `pp_size` > 1
+each batch takes its share of the runnable tokens, so the micro-batches stay near-equal.
 """
 
 from __future__ import annotations
@@ -16,12 +16,10 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
-
-import torch
 
 from internvl_core.config import EngineConfig, SamplingParams
 from internvl_core.engine.batch import SamplingRequest, ScheduledBatch
+from internvl_core.engine.batch_rows import BatchRows
 from internvl_core.engine.block_manager import BlockManager
 from internvl_core.engine.sequence import Sequence, SequenceStatus
 
@@ -31,32 +29,14 @@ logger = logging.getLogger(__name__)
 _FINISHED = tuple(s for s in SequenceStatus if s.is_finished)
 
 
-@dataclass(slots=True)
-class _Rows:
-    """One batch as it is planned, row by row (sequence s owns rows in the order planned); kept
-    while the batch is in flight, for `update`."""
-
-    batch_id: int
-    seqs: list[Sequence] = field(default_factory=list)
-    input_ids: list[int] = field(default_factory=list)  # [num_tokens]
-    query_lens: list[int] = field(default_factory=list)  # [num_seqs]
-    context_lens: list[int] = field(default_factory=list)  # [num_seqs]
-    sample_flags: list[bool] = field(default_factory=list)  # [num_seqs]
-    sampling: list[SamplingRequest] = field(default_factory=list)  # [num_samples]
-    deferred_rows: list[int] = field(default_factory=list)  # [num_deferred]
-    deferred_sources: list[int] = field(default_factory=list)  # [num_deferred]
-    image_indices: list[int] = field(default_factory=list)  # [num_image_rows]
-    image_parts: list[torch.Tensor] = field(default_factory=list)  # each [rows, D]
-
-
 class Scheduler:
     """Plans every step; the only producer of ScheduledBatch and the owner of block tables."""
 
     def __init__(
         self, config: EngineConfig, block_manager: BlockManager, *, async_decode: bool = False
     ) -> None:
-        """`async_decode`: plan sequences again while their sample is in flight (stage 0 must be
-        the sampling stage, i.e. pp_size 1, to fill the placeholder tokens)."""
+        """`async_decode`: plan a sequence again while its sample is in flight (one step ahead
+        at most; stage 0 fills the placeholder from the sampling batch's output)."""
         self.config = config
         self.async_decode = async_decode
         self.block_manager = block_manager
@@ -64,7 +44,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._next_batch_id = 0
-        self._in_flight: dict[int, _Rows] = {}
+        self._in_flight: dict[int, BatchRows] = {}
         self._finished_ids: list[str] = []
         self.num_preemptions = 0
         self.last_preempted: list[str] = []  # request ids preempted by the latest schedule()
@@ -119,7 +99,7 @@ class Scheduler:
         """Plan the next step, or None if nothing can run now (all in flight or no work)."""
         self.last_preempted = []
         budget = self._token_budget()
-        rows = _Rows(self._next_batch_id)
+        rows = BatchRows(self._next_batch_id)
         budget = self._schedule_running(rows, budget)
         if not self.last_preempted:
             self._schedule_waiting(rows, budget)
@@ -132,20 +112,23 @@ class Scheduler:
     def _token_budget(self) -> int:
         """With pp_size > 1, this micro-batch's share of the next round's tokens, so that the
         pp_size micro-batches in flight stay near-equal: each sequence in flight will need about
-        one token, each runnable one its next chunk, each waiting one its prompt. A micro-batch
-        that comes back larger than the share leaves its tail to the next one."""
+        one token, each runnable one its next chunk, each waiting one its prompt. The remainder
+        goes to the first batches of a round (by batch id), so the shares sum to the round. A
+        micro-batch that comes back larger than its share leaves its tail to the next one (with
+        run-ahead: the tail runs ahead in the next batch instead)."""
         budget = self.config.max_num_batched_tokens
         pp_size = self.config.pp_size
         if pp_size == 1:
             return budget
         running = self.running
-        # On the critical path between a micro-batch's return and its successor's start.
         chunks = [len(s.token_ids) - s.num_computed_tokens for s in running if not s.num_in_flight]
         num_in_flight = len(running) - len(chunks)
         runnable = sum(chunks) + sum(len(s.token_ids) for s in self.waiting)
-        return max(1, min(budget, -(-(runnable + num_in_flight) // pp_size)))
+        share, extra = divmod(runnable + num_in_flight, pp_size)
+        share += self._next_batch_id % pp_size < extra
+        return max(1, min(budget, share))
 
-    def _num_new_tokens(self, seq: Sequence) -> int:
+    def _num_new_tokens(self, seq: Sequence, rows: BatchRows) -> int:
         """Tokens `seq` can run now: 0 while in flight, unless async decoding allows a plain
         next step (known tokens or the one in-flight sample as placeholder)."""
         num_in_flight = seq.num_in_flight
@@ -154,18 +137,24 @@ class Scheduler:
         if num_in_flight > 1 or not self.async_decode:
             return 0
         if seq.num_pending_samples:
-            return 1 if self._can_run_ahead(seq) else 0
+            return 1 if self._can_run_ahead(seq, rows) else 0
         return len(seq.token_ids) - seq.num_computed_tokens - seq.num_in_flight_tokens
 
-    def _can_run_ahead(self, seq: Sequence) -> bool:
-        """Whether a step may run on the in-flight sample as its input token."""
-        return seq.run_ahead_from <= len(seq.output_token_ids) < seq.run_ahead_until
+    def _can_run_ahead(self, seq: Sequence, rows: BatchRows) -> bool:
+        """Whether a step may run on the in-flight sample as its input token: allowed by the
+        params, and sampled at least pp_size batches back (else stage 0 would wait for a batch
+        still ahead of it in the pipeline)."""
+        return (
+            seq.run_ahead_from <= len(seq.output_token_ids) < seq.run_ahead_until
+            and seq.pending_sample[0] <= rows.batch_id - self.config.pp_size
+        )
 
-    def _schedule_running(self, rows: _Rows, budget: int) -> int:
+    def _schedule_running(self, rows: BatchRows, budget: int) -> int:
         i = 0
         manager = self.block_manager
         running, block_size = self.running, self.block_size
-        run_ahead = self.async_decode
+        run_ahead, requests = self.async_decode, self._sampling_requests
+        latest_source = rows.batch_id - self.config.pp_size  # see `_can_run_ahead`
         while i < len(running) and budget > 0:
             seq = running[i]
             # Hot (every running sequence, every step): the run-ahead decode inline, on plain
@@ -175,21 +164,23 @@ class Scheduler:
                 and seq.num_in_flight == 1
                 and seq.num_pending_samples == 1
                 and seq.run_ahead_from <= len(seq.output_token_ids) < seq.run_ahead_until
+                and seq.pending_sample[0] <= latest_source
             ):
                 end = seq.num_computed_tokens + seq.num_in_flight_tokens + 1
                 if end <= len(seq.block_table) * block_size:
-                    self._add_run_ahead(rows, seq, end)
+                    request = requests.get(seq.request.request_id) or self._sampling_request(seq)
+                    rows.add_run_ahead(seq, end, request)
                     budget -= 1
                     i += 1
                     continue
             elif not seq.num_in_flight and len(seq.token_ids) - seq.num_computed_tokens == 1:
                 end = seq.num_computed_tokens + 1
                 if end <= len(seq.block_table) * block_size and not seq.request.image_runs:
-                    self._add_decode(rows, seq, end)
+                    rows.add_decode(seq, end, self._sampling_request(seq))
                     budget -= 1
                     i += 1
                     continue
-            num_new = min(self._num_new_tokens(seq), budget)
+            num_new = min(self._num_new_tokens(seq, rows), budget)
             if num_new <= 0:
                 i += 1
                 continue
@@ -209,14 +200,14 @@ class Scheduler:
                     continue
                 seq.block_table.extend(manager.allocate(need))
             if end > len(seq.token_ids):  # a run-ahead step that starts a new block
-                self._add_run_ahead(rows, seq, end)
+                rows.add_run_ahead(seq, end, self._sampling_request(seq))
             else:
-                self._add(rows, seq, num_new)
+                rows.add(seq, num_new, self._sampling_request)
             budget -= num_new
             i += 1
         return budget
 
-    def _busy(self, rows: _Rows) -> bool:
+    def _busy(self, rows: BatchRows) -> bool:
         """Whether a running sequence is in flight in an earlier batch (not just planned)."""
         planned = {id(seq) for seq in rows.seqs}
         return any(seq.num_in_flight > (id(seq) in planned) for seq in self.running)
@@ -237,7 +228,7 @@ class Scheduler:
         self.last_preempted.append(seq.request_id)
         logger.debug("preempted %s (recompute %d tokens)", seq.request_id, seq.num_tokens)
 
-    def _schedule_waiting(self, rows: _Rows, budget: int) -> None:
+    def _schedule_waiting(self, rows: BatchRows, budget: int) -> None:
         manager = self.block_manager
         # Without chunking a prompt cannot be cut to a micro-batch's share: it may use the rest
         # of the step's whole budget instead (else a prompt longer than the share never runs).
@@ -268,94 +259,16 @@ class Scheduler:
                 seq.first_scheduled_time = time.monotonic()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            self._add(rows, seq, num_new)
+            rows.add(seq, num_new, self._sampling_request)
             budget -= num_new
             spare -= num_new
 
-    def _add_run_ahead(self, rows: _Rows, seq: Sequence, end: int) -> None:
-        """A decode step whose input token is the in-flight sample: the stage fills it from the
-        previous batch's sampled ids on the device."""
-        batch_id = rows.batch_id
-        source_batch, source_row = seq.pending_sample
-        assert source_batch == batch_id - 1
-        seq.num_in_flight += 1
-        seq.num_in_flight_tokens += 1
-        seq.num_pending_samples += 1
-        rows.deferred_rows.append(len(rows.input_ids))
-        rows.deferred_sources.append(source_row)
-        rows.input_ids.append(0)
-        rows.seqs.append(seq)
-        rows.query_lens.append(1)
-        rows.context_lens.append(end - 1)
-        rows.sample_flags.append(True)
-        sampling = rows.sampling
-        seq.pending_sample = (batch_id, len(sampling))
-        request = self._sampling_requests.get(seq.request.request_id)
-        sampling.append(request or self._sampling_request(seq))
-
-    def _add_decode(self, rows: _Rows, seq: Sequence, end: int) -> None:
-        """A plain decode step (nothing in flight, its last token known, no image rows): what
-        `_add` does for one token, without the general case's checks."""
-        seq.num_in_flight += 1
-        seq.num_in_flight_tokens += 1
-        seq.num_pending_samples += 1
-        rows.input_ids.append(seq.token_ids[-1])
-        rows.seqs.append(seq)
-        rows.query_lens.append(1)
-        rows.context_lens.append(end - 1)
-        rows.sample_flags.append(True)
-        sampling = rows.sampling
-        seq.pending_sample = (rows.batch_id, len(sampling))
-        sampling.append(self._sampling_request(seq))
-
-    def _add(self, rows: _Rows, seq: Sequence, num_new: int) -> None:
-        """Plan `num_new` known tokens of `seq` (a prefill chunk or a plain decode step)."""
-        start = seq.num_computed_tokens + seq.num_in_flight_tokens
-        end = start + num_new
-        sample = end == len(seq.token_ids) + seq.num_pending_samples
-        assert end <= len(seq.token_ids), "known tokens only: run-ahead steps are planned apart"
-        seq.num_in_flight += 1
-        seq.num_in_flight_tokens += num_new
-        input_ids = rows.input_ids
-        if seq.request.image_runs:
-            positions, image_rows = seq.image_rows(start, end)
-            if image_rows:
-                offset = len(input_ids) - start
-                rows.image_indices.extend(p + offset for p in positions)
-                embeds = seq.request.image_embeds
-                assert embeds is not None
-                rows.image_parts.append(embeds[image_rows[0] : image_rows[-1] + 1])  # [rows, D]
-        if num_new == 1:
-            input_ids.append(seq.token_ids[start])
-        else:
-            input_ids.extend(seq.token_ids[start:end])
-        rows.seqs.append(seq)
-        rows.query_lens.append(num_new)
-        rows.context_lens.append(start)
-        rows.sample_flags.append(sample)
-        if sample:
-            seq.num_pending_samples += 1
-            seq.pending_sample = (rows.batch_id, len(rows.sampling))
-            rows.sampling.append(self._sampling_request(seq))
-
-    def _build_batch(self, rows: _Rows) -> ScheduledBatch:
-        seqs = rows.seqs
-        batch = ScheduledBatch(
-            batch_id=rows.batch_id,
-            request_ids=[seq.request.request_id for seq in seqs],
-            input_token_ids=rows.input_ids,
-            query_lens=rows.query_lens,
-            context_lens=rows.context_lens,
-            prompt_lens=[len(seq.request.prompt_token_ids) for seq in seqs],
-            block_tables=[seq.block_table.copy() for seq in seqs],
-            sample_flags=rows.sample_flags,
-            sampling=rows.sampling,
+    def _build_batch(self, rows: BatchRows) -> ScheduledBatch:
+        in_flight = self._in_flight
+        batch = rows.build(
             block_size=self.block_size,
-            image_embeds=torch.cat(rows.image_parts) if rows.image_parts else None,  # [rows, D]
-            image_token_indices=rows.image_indices,
             finished_request_ids=self._finished_ids,
-            deferred_token_rows=rows.deferred_rows,
-            deferred_sample_rows=rows.deferred_sources,
+            num_samples_of=lambda batch_id: len(in_flight[batch_id].sampling),
         )
         self._finished_ids = []
         self._next_batch_id += 1

@@ -93,25 +93,30 @@ def group_by_length(lens: list[int], group_cost: int) -> list[list[int]]:
 
 
 class GroupMemo:
-    """The latest `group_by_length` answer, keyed by lengths relative to their minimum.
+    """The latest `group_by_length` answers, keyed by lengths relative to their minimum.
 
     A steady decode step adds 1 to every length: each partition's cost then grows by exactly the
     number of sequences, and every comparison the convex hull trick makes is translation
     invariant, so the answer (ties included) is the same and is reused instead of recomputed.
+    Several answers are kept: with pipeline stages the micro-batches take turns (each repeats
+    every pp_size steps), and stages that share a process interleave theirs.
     """
 
-    def __init__(self) -> None:
-        self.key: tuple[bytes, int] | None = None
-        self.groups: list[np.ndarray] = []
+    def __init__(self, capacity: int = 16) -> None:
+        self.capacity = capacity
+        self._groups: dict[tuple[bytes, int], list[np.ndarray]] = {}
 
     def groups_for(self, lens: np.ndarray, group_cost: int) -> list[np.ndarray]:
         key = ((lens - lens.min()).tobytes(), group_cost)
-        if key != self.key:
-            self.groups = [
+        groups = self._groups.get(key)
+        if groups is None:
+            if len(self._groups) >= self.capacity:
+                del self._groups[next(iter(self._groups))]  # the oldest answer
+            groups = [
                 np.asarray(g, dtype=np.int64) for g in group_by_length(lens.tolist(), group_cost)
             ]
-            self.key = key
-        return self.groups
+            self._groups[key] = groups
+        return groups
 
 
 GROUPS = GroupMemo()

@@ -12,9 +12,11 @@
 // block by block with an online softmax (running max, rescaled accumulators), so each key and
 // value is read once per tile. Decode tiles cover several (usually all) KV heads: a block's keys
 // of every head are one contiguous span, read front to back. Keys come 16 at a time (a chunk):
-// - few rows per KV head (decodes, small query groups): per key one FMA vector over head_dim,
-//   then a fold tree turns the 16 vectors into one vector of 16 scores (no per-key horizontal sum);
-// - many rows (prefill tiles, large groups): the chunk's keys transposed once into [d, 16], then
+// - fewer than 16 rows per KV head (decodes, query groups up to 15): per key one FMA vector over
+//   head_dim, keys read slot after slot across the job's KV heads (the block in memory order,
+//   next block's keys and this chunk's values prefetched into L2), then a fold tree turns 16 such
+//   vectors into one vector of 16 scores (no per-key horizontal sum);
+// - more rows (prefill tiles, large groups): the chunk's keys transposed once into [d, 16], then
 //   per row one broadcast FMA per head_dim element gives the 16 scores.
 // Then per row: softmax update on the 16-score vector, and P @ V as 16 broadcast FMAs into the
 // row's accumulator held in registers. Vectors are GCC/Clang vector extensions (16 floats: one
@@ -42,11 +44,11 @@ namespace {
 
 constexpr int64_t kTileRows = 16;  // query rows of one sequence sharing a pass over its keys
 constexpr int64_t kKeys = 16;      // keys scored together: one 16-float vector per query row
-constexpr int64_t kTransposeRows = 8;  // rows per KV head from which the keys are transposed
-constexpr int64_t kMaxRows = 256;      // tile rows x query heads per KV head, at most
-constexpr int64_t kMaxHeadDim = 512;   // bound checked on entry; accumulators are heap rows
-constexpr int64_t kJobsPerThread = 4;  // decode tiles split their KV heads until this many jobs
-constexpr int64_t kMaxPartRows = 16;   // (KV head, row) pairs of one decode job: 16 KiB partials
+constexpr int64_t kTransposeRows = 16;  // rows per KV head from which the keys are transposed
+constexpr int64_t kMaxRows = 256;       // tile rows x query heads per KV head, at most
+constexpr int64_t kMaxHeadDim = 512;    // bound checked on entry; accumulators are heap rows
+constexpr int64_t kJobsPerThread = 4;   // decode tiles split their KV heads until this many jobs
+constexpr int64_t kMaxPartRows = 16;    // (KV head, row) pairs of one decode job: 16 KiB partials
 
 using Vec = float __attribute__((vector_size(64)));  // 16 floats
 using IVec = int32_t __attribute__((vector_size(64)));
@@ -138,30 +140,51 @@ inline Vec fold16(const Vec* part) {
   return fold1(eighth[0], eighth[1]);
 }
 
+// Starts loading D floats of KV heads [h0, h1) at slot p into L2 (not L1: a prefetch waiting on
+// DRAM there holds one of L1's few miss buffers).
+template <int64_t D>
+inline void prefetch_slot(const float* p, int64_t h0, int64_t h1) {
+  for (int64_t i = h0 * D; i < h1 * D; i += 16) __builtin_prefetch(p + i, 0, 2);
+}
+
 // Lane-wise partial products of a chunk's keys with query rows, keys read in memory order: key
 // t < count of KV head h in [h0, h1) at k + t * stride + h * D, row r's query at q[r] +
 // h * q_head_stride -> part [((h - h0) * rows + r) * 16 + slot of t] (zeros past count). Going
-// slot after slot streams the block (a slot's KV heads are one contiguous span), which the
-// hardware prefetchers follow; the slot's values are prefetched alongside for P @ V.
+// slot after slot streams the block (a slot's KV heads are one contiguous span), two keys per
+// query load. Prefetched alongside: the chunk's values (v, for P @ V) and the keys at next_k
+// (the next block's: a random jump the hardware prefetchers cannot guess; null for none).
 template <int64_t D>
 inline void key_partials(const float* const* q, int64_t rows, int64_t q_head_stride,
-                         const float* k, const float* v, int64_t stride, int64_t h0, int64_t h1,
-                         int64_t count, Vec* part) {
+                         const float* k, const float* v, const float* next_k, int64_t stride,
+                         int64_t h0, int64_t h1, int64_t count, Vec* part) {
   constexpr int64_t V = D / 16;
-  for (int64_t t = 0; t < kKeys; ++t) {
-    const int64_t slot = fold_key(t);  // self-inverse
-    if (t >= count) {
-      for (int64_t i = 0; i < (h1 - h0) * rows; ++i) part[i * kKeys + slot] = Vec{};
-      continue;
+  for (int64_t t = count; t < kKeys; ++t) {
+    for (int64_t i = 0; i < (h1 - h0) * rows; ++i) part[i * kKeys + fold_key(t)] = Vec{};
+  }
+  for (int64_t t = 0; t < count; t += 2) {
+    const bool pair = t + 1 < count;
+    for (int64_t u = t; u < t + 1 + pair; ++u) {
+      prefetch_slot<D>(v + u * stride, h0, h1);
+      if (next_k != nullptr) prefetch_slot<D>(next_k + u * stride, h0, h1);
     }
-    const float* key = k + t * stride;
-    for (int64_t i = h0 * D; i < h1 * D; i += 16) __builtin_prefetch(v + t * stride + i);
+    const float* k0 = k + t * stride;
+    const float* k1 = k0 + stride;  // read only for a pair
     for (int64_t h = h0; h < h1; ++h) {
       for (int64_t r = 0; r < rows; ++r) {
         const float* qr = q[r] + h * q_head_stride;
-        Vec acc{};
-        for (int64_t j = 0; j < V; ++j) acc += load(qr + 16 * j) * load(key + h * D + 16 * j);
-        part[((h - h0) * rows + r) * kKeys + slot] = acc;
+        Vec* out = part + ((h - h0) * rows + r) * kKeys;
+        Vec a0{}, a1{};
+        if (pair) {
+          for (int64_t j = 0; j < V; ++j) {
+            const Vec qj = load(qr + 16 * j);
+            a0 += qj * load(k0 + h * D + 16 * j);
+            a1 += qj * load(k1 + h * D + 16 * j);
+          }
+          out[fold_key(t + 1)] = a1;
+        } else {
+          for (int64_t j = 0; j < V; ++j) a0 += load(qr + 16 * j) * load(k0 + h * D + 16 * j);
+        }
+        out[fold_key(t)] = a0;
       }
     }
   }
@@ -297,7 +320,8 @@ void run_job(const Layout& L, const Job& job) {
   max_buf.assign(states, -kInf);
   sum_buf.assign(states, Vec{});  // lane-wise softmax denominators
   key_buf.resize(D * kKeys);
-  if (!(rows >= kTransposeRows)) part_buf.resize(states * kKeys);
+  const bool transpose = rows >= kTransposeRows;
+  if (!transpose) part_buf.resize(states * kKeys);  // [KV head, row, 16] key partials
   float* keys_t = key_buf.data();  // [D, kKeys] the chunk's keys, transposed
   const float* qrow[kMaxRows];     // the row's query at KV head 0
   int64_t row_limit[kMaxRows];     // keys visible to the row (causal)
@@ -307,7 +331,6 @@ void run_job(const Layout& L, const Job& job) {
     qrow[r] = L.q + (token * L.heads + r % group) * D;
     row_limit[r] = first_pos + tile_row + 1;
   }
-  const bool transpose = rows >= kTransposeRows;
   const int64_t num_blocks = (num_keys + L.block_size - 1) / L.block_size;
   for (int64_t b = 0; b < num_blocks; ++b) {
     const int64_t block_start = b * L.block_size;
@@ -318,8 +341,12 @@ void run_job(const Layout& L, const Job& job) {
       const int64_t count = std::min(kKeys, block_count - c0);
       const int64_t chunk = block_base + c0 * token_stride;  // slot c0, KV head 0
       if (!transpose) {
-        key_partials<D>(qrow, rows, group * D, L.keys + chunk, L.values + chunk, token_stride,
-                        job.kv_begin, job.kv_end, count, part_buf.data());
+        const float* next_k = nullptr;
+        if (c0 + kKeys >= block_count && b + 1 < num_blocks) {
+          next_k = L.keys + table[b + 1] * L.block_size * L.kv_heads * D;
+        }
+        key_partials<D>(qrow, rows, group * D, L.keys + chunk, L.values + chunk, next_k,
+                        token_stride, job.kv_begin, job.kv_end, count, part_buf.data());
       }
       for (int64_t h = job.kv_begin; h < job.kv_end; ++h) {
         const float* kchunk = L.keys + chunk + h * D;

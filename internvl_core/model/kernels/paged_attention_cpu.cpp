@@ -170,21 +170,22 @@ inline void key_partials(const float* const* q, int64_t rows, int64_t q_head_str
     const float* k0 = k + t * stride;
     const float* k1 = k0 + stride;  // read only for a pair
     for (int64_t h = h0; h < h1; ++h) {
+      Vec key0[V], key1[V];  // in registers across the rows
+      for (int64_t j = 0; j < V; ++j) {
+        key0[j] = load(k0 + h * D + 16 * j);
+        key1[j] = pair ? load(k1 + h * D + 16 * j) : Vec{};
+      }
       for (int64_t r = 0; r < rows; ++r) {
         const float* qr = q[r] + h * q_head_stride;
-        Vec* out = part + ((h - h0) * rows + r) * kKeys;
         Vec a0{}, a1{};
-        if (pair) {
-          for (int64_t j = 0; j < V; ++j) {
-            const Vec qj = load(qr + 16 * j);
-            a0 += qj * load(k0 + h * D + 16 * j);
-            a1 += qj * load(k1 + h * D + 16 * j);
-          }
-          out[fold_key(t + 1)] = a1;
-        } else {
-          for (int64_t j = 0; j < V; ++j) a0 += load(qr + 16 * j) * load(k0 + h * D + 16 * j);
+        for (int64_t j = 0; j < V; ++j) {
+          const Vec qj = load(qr + 16 * j);
+          a0 += qj * key0[j];
+          a1 += qj * key1[j];
         }
+        Vec* out = part + ((h - h0) * rows + r) * kKeys;
         out[fold_key(t)] = a0;
+        if (pair) out[fold_key(t + 1)] = a1;
       }
     }
   }
@@ -222,7 +223,8 @@ inline void softmax_pv(Vec s, int64_t visible, float scale, float& row_max, Vec&
   const auto live = kLane < static_cast<int32_t>(visible);
   s = live ? s * scale : splat(-kInf);
   const float new_max = std::max(row_max, hmax(s));
-  const float correction = exp_nonpositive(splat(row_max - new_max))[0];  // ~0 on the first chunk
+  const float correction =  // ~0 on the first chunk, mostly 1 later
+      new_max == row_max ? 1.0f : exp_nonpositive(splat(row_max - new_max))[0];
   alignas(64) float p[kKeys];
   store(p, live ? exp_nonpositive(s - new_max) : Vec{});
   row_sum = row_sum * correction + load(p);

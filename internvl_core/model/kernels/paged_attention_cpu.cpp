@@ -8,23 +8,21 @@
 // seq_lens[s] - query_lens[s] + i, and attends causally to positions 0..itself (H a multiple of K).
 //
 // Work: one job per (sequence, tile of up to kTileRows query rows, run of KV heads); a job keeps
-// its rows' softmax state and output accumulators in L1 and streams the sequence's keys and values
-// block by block with an online softmax (running max, rescaled accumulators), so each key and
-// value is read once per tile. Decode tiles cover several (usually all) KV heads: a block's keys
-// of every head are one contiguous span, read front to back. Keys come 16 at a time (a chunk):
-// - fewer than 16 rows per KV head (decodes, query groups up to 15): per key one FMA vector over
-//   head_dim, keys read slot after slot across the job's KV heads (the block in memory order,
-//   next block's keys and this chunk's values prefetched into L2), then a fold tree turns 16 such
-//   vectors into one vector of 16 scores (no per-key horizontal sum);
-// - more rows (prefill tiles, large groups): the chunk's keys transposed once into [d, 16], then
-//   per row one broadcast FMA per head_dim element gives the 16 scores.
-// Then per row: softmax update on the 16-score vector, and P @ V as 16 broadcast FMAs into the
-// row's accumulator held in registers. Vectors are GCC/Clang vector extensions (16 floats: one
-// AVX-512 register, two AVX2 ones), compiled with -O3 -march=native; head_dim is a template
-// parameter for the multiples of 16 below, other head dims take a scalar path. exp is a
-// polynomial that vectorises (relative error ~2e-7). Jobs are sorted longest first and taken
-// from an atomic counter by the OpenMP threads (torch's own libgomp): no job waits behind a long
-// sequence on a busy thread.
+// its rows' softmax state and output accumulators in L1/L2 and streams the sequence's keys and
+// values block by block with an online softmax (running max, rescaled accumulators), so each key
+// and value is read once per tile. Decode tiles cover several (usually all) KV heads: a block's
+// keys of every head are one contiguous span. Keys come 16 at a time (a chunk):
+// - scores: read slot after slot across the job's KV heads (the block in memory order; the next
+//   block's keys and this chunk's values prefetched into L2), per (key, row) one vector of
+//   lane-wise products over head_dim; a fold tree turns each row's 16 such vectors into one
+//   vector of 16 scores (no per-key horizontal sum);
+// - per row: the softmax update on that vector, and P @ V as 16 broadcast FMAs into the row's
+//   accumulator held in registers.
+// Vectors are GCC/Clang vector extensions (16 floats: one AVX-512 register, two AVX2 ones),
+// compiled with -O3 -march=native; head_dim is a template parameter for the multiples of 16
+// dispatched below, other head dims take a scalar path. exp is a polynomial that vectorises
+// (relative error ~2e-7). Jobs are sorted longest first and taken from an atomic counter by the
+// OpenMP threads (torch's own libgomp): no job waits behind a long sequence on a busy thread.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -42,13 +40,12 @@
 
 namespace {
 
-constexpr int64_t kTileRows = 16;  // query rows of one sequence sharing a pass over its keys
-constexpr int64_t kKeys = 16;      // keys scored together: one 16-float vector per query row
-constexpr int64_t kTransposeRows = 16;  // rows per KV head from which the keys are transposed
+constexpr int64_t kTileRows = 16;       // query rows of one sequence sharing a pass over its keys
+constexpr int64_t kKeys = 16;           // keys scored together: one 16-float vector per query row
 constexpr int64_t kMaxRows = 256;       // tile rows x query heads per KV head, at most
 constexpr int64_t kMaxHeadDim = 512;    // bound checked on entry; accumulators are heap rows
-constexpr int64_t kJobsPerThread = 4;   // decode tiles split their KV heads until this many jobs
-constexpr int64_t kMaxPartRows = 16;    // (KV head, row) pairs of one decode job: 16 KiB partials
+constexpr int64_t kJobsPerThread = 4;   // tiles split their KV heads until this many jobs
+constexpr int64_t kMaxPartRows = 16;    // (KV head, row) pairs per job, unless one head has more
 
 using Vec = float __attribute__((vector_size(64)));  // 16 floats
 using IVec = int32_t __attribute__((vector_size(64)));
@@ -191,29 +188,6 @@ inline void key_partials(const float* const* q, int64_t rows, int64_t q_head_str
   }
 }
 
-// Keys t < count at k + t * stride -> keys_t [D, 16] (zeros past count).
-template <int64_t D>
-inline void transpose_keys(const float* k, int64_t stride, int64_t count, float* keys_t) {
-  for (int64_t t = 0; t < kKeys; ++t) {
-    const float* key = k + t * stride;
-    if (t < count) {
-      for (int64_t i = 0; i < D; ++i) keys_t[i * kKeys + t] = key[i];
-    } else {
-      for (int64_t i = 0; i < D; ++i) keys_t[i * kKeys + t] = 0.0f;
-    }
-  }
-}
-
-// Scores of one query row q [D] against transposed keys [D, 16] -> lane t; four FMA chains.
-template <int64_t D>
-inline Vec transposed_scores(const float* q, const float* keys_t) {
-  Vec s[4] = {};
-  for (int64_t i = 0; i < D; i += 4) {
-    for (int64_t u = 0; u < 4; ++u) s[u] += q[i + u] * load(keys_t + (i + u) * kKeys);
-  }
-  return (s[0] + s[1]) + (s[2] + s[3]);
-}
-
 // One row's online-softmax step over a chunk of 16 scores (lanes >= visible ignored) and the
 // chunk's values v + t * stride: rescale the running sum and accumulator acc [D], add P @ V.
 template <int64_t D>
@@ -251,35 +225,7 @@ inline void softmax_pv(Vec s, int64_t visible, float scale, float& row_max, Vec&
   for (int64_t j = 0; j < V; ++j) store(acc + 16 * j, a[0][j]);
 }
 
-// e^x for x <= 0 (scores minus their running max): 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  // Round x / ln2 to the nearest integer by adding and removing 1.5 * 2^23 (plain float adds, so
-  // the loop vectorises; no libm call).
-  constexpr float kShift = 12582912.0f;
-  const float n = (x * 1.44269504088896341f + kShift) - kShift;
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  int32_t bits;
-  std::memcpy(&bits, &p, sizeof(bits));
-  bits += static_cast<int32_t>(n) << 23;
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
-
-inline float dot(const float* a, const float* b, int64_t d) {
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < d; ++i) s += a[i] * b[i];
-  return s;
-}
+// ---- jobs and the vector path ----
 
 struct Job {
   int64_t seq;
@@ -316,17 +262,14 @@ void run_job(const Layout& L, const Job& job) {
   const int64_t* table = L.tables + job.seq * L.table_width;
   const int64_t token_stride = L.kv_heads * D;  // floats between two slots of a block
 
-  thread_local std::vector<float> acc_buf, max_buf, key_buf;
+  thread_local std::vector<float> acc_buf, max_buf;
   thread_local std::vector<Vec> sum_buf, part_buf;
   acc_buf.assign(states * D, 0.0f);  // [KV head, row, D]
   max_buf.assign(states, -kInf);
-  sum_buf.assign(states, Vec{});  // lane-wise softmax denominators
-  key_buf.resize(D * kKeys);
-  const bool transpose = rows >= kTransposeRows;
-  if (!transpose) part_buf.resize(states * kKeys);  // [KV head, row, 16] key partials
-  float* keys_t = key_buf.data();  // [D, kKeys] the chunk's keys, transposed
-  const float* qrow[kMaxRows];     // the row's query at KV head 0
-  int64_t row_limit[kMaxRows];     // keys visible to the row (causal)
+  sum_buf.assign(states, Vec{});         // lane-wise softmax denominators
+  part_buf.resize(states * kKeys);       // [KV head, row, 16] the chunk's key partials
+  const float* qrow[kMaxRows];  // the row's query at KV head 0
+  int64_t row_limit[kMaxRows];  // keys visible to the row (causal)
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t tile_row = r / group;
     const int64_t token = L.query_start[job.seq] + job.first_row + tile_row;
@@ -342,27 +285,20 @@ void run_job(const Layout& L, const Job& job) {
       const int64_t start = block_start + c0;
       const int64_t count = std::min(kKeys, block_count - c0);
       const int64_t chunk = block_base + c0 * token_stride;  // slot c0, KV head 0
-      if (!transpose) {
-        const float* next_k = nullptr;
-        if (c0 + kKeys >= block_count && b + 1 < num_blocks) {
-          next_k = L.keys + table[b + 1] * L.block_size * L.kv_heads * D;
-        }
-        key_partials<D>(qrow, rows, group * D, L.keys + chunk, L.values + chunk, next_k,
-                        token_stride, job.kv_begin, job.kv_end, count, part_buf.data());
+      const float* next_k = nullptr;  // the next block's keys, prefetched with this chunk
+      if (c0 + kKeys >= block_count && b + 1 < num_blocks) {
+        next_k = L.keys + table[b + 1] * L.block_size * L.kv_heads * D;
       }
+      key_partials<D>(qrow, rows, group * D, L.keys + chunk, L.values + chunk, next_k,
+                      token_stride, job.kv_begin, job.kv_end, count, part_buf.data());
       for (int64_t h = job.kv_begin; h < job.kv_end; ++h) {
-        const float* kchunk = L.keys + chunk + h * D;
         const float* vchunk = L.values + chunk + h * D;
-        const int64_t state = (h - job.kv_begin) * rows;
-        if (transpose) transpose_keys<D>(kchunk, token_stride, count, keys_t);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t visible = std::min(count, row_limit[r] - start);
           if (visible <= 0) continue;
-          const int64_t i = state + r;
-          const Vec s = transpose ? transposed_scores<D>(qrow[r] + h * group * D, keys_t)
-                                  : fold16(part_buf.data() + i * kKeys);
-          softmax_pv<D>(s, visible, L.scale, max_buf[i], sum_buf[i], acc_buf.data() + i * D,
-                        vchunk, token_stride);
+          const int64_t i = (h - job.kv_begin) * rows + r;
+          softmax_pv<D>(fold16(part_buf.data() + i * kKeys), visible, L.scale, max_buf[i],
+                        sum_buf[i], acc_buf.data() + i * D, vchunk, token_stride);
         }
       }
     }
@@ -377,6 +313,40 @@ void run_job(const Layout& L, const Job& job) {
       for (int64_t j = 0; j < D / 16; ++j) store(o + 16 * j, load(a + 16 * j) * inv);
     }
   }
+}
+
+// ---- scalar path (head_dim not a multiple of 16) ----
+
+constexpr int64_t kScalarTransposeRows = 8;  // rows per KV head from which it transposes keys
+
+// e^x for x <= 0 (scores minus their running max): 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  // Round x / ln2 to the nearest integer by adding and removing 1.5 * 2^23 (plain float adds, so
+  // the loop vectorises; no libm call).
+  constexpr float kShift = 12582912.0f;
+  const float n = (x * 1.44269504088896341f + kShift) - kShift;
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &p, sizeof(bits));
+  bits += static_cast<int32_t>(n) << 23;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+inline float dot(const float* a, const float* b, int64_t d) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < d; ++i) s += a[i] * b[i];
+  return s;
 }
 
 // Any head_dim (not a multiple of 16): scalar loops, one KV head at a time.
@@ -411,7 +381,7 @@ void run_head_scalar(const Layout& L, const Job& job, int64_t kv_head) {
   }
   // Few rows (decodes): plain dot products; many rows (prefill tiles): transposing the chunk's
   // keys once pays for itself.
-  const bool transpose = rows >= kTransposeRows;
+  const bool transpose = rows >= kScalarTransposeRows;
   const int64_t num_blocks = (num_keys + L.block_size - 1) / L.block_size;
   for (int64_t b = 0; b < num_blocks; ++b) {
     const int64_t block_start = b * L.block_size;
@@ -541,7 +511,7 @@ void paged_attention(const at::Tensor& q, const at::Tensor& kv_cache,
            block_tables.size(1),
            static_cast<float>(scale)};
   const int64_t group = heads / kv_heads;
-  int64_t small_tiles = 0;  // tiles with few rows per KV head (decodes): their jobs span KV heads
+  int64_t tiles = 0;
   for (int64_t s = 0; s < num_seqs; ++s) {
     const int64_t q_len = L.query_lens[s];
     TORCH_CHECK(q_len >= 1 && q_len <= L.seq_lens[s], "1 <= query_len <= seq_len");
@@ -552,17 +522,15 @@ void paged_attention(const at::Tensor& q, const at::Tensor& kv_cache,
       const int64_t block = L.tables[s * L.table_width + b];
       TORCH_CHECK(block >= 0 && block < kv_cache.size(1), "block id outside the pool");
     }
-    for (int64_t first = 0; first < q_len; first += tile_rows) {
-      small_tiles += std::min(tile_rows, q_len - first) * group < kTransposeRows;
-    }
+    tiles += (q_len + tile_rows - 1) / tile_rows;
   }
-  // A small tile's job reads whole blocks (every KV head: one contiguous span) unless there are
-  // too few tiles to keep the threads busy; then its heads are split into runs.
+  // A tile's job covers a run of KV heads: all of them (a block's keys in one contiguous span)
+  // unless there are too few tiles to keep the threads busy, and at most kMaxPartRows (KV head,
+  // row) pairs (one head for prefill tiles).
   const int64_t max_threads = at::get_num_threads();
   const int64_t parts = std::clamp<int64_t>(
-      (kJobsPerThread * max_threads + small_tiles - 1) / std::max<int64_t>(small_tiles, 1), 1,
-      kv_heads);
-  const int64_t heads_per_small_job = (kv_heads + parts - 1) / parts;
+      (kJobsPerThread * max_threads + tiles - 1) / std::max<int64_t>(tiles, 1), 1, kv_heads);
+  const int64_t heads_per_job = (kv_heads + parts - 1) / parts;
   std::vector<Job> jobs;
   for (int64_t s = 0; s < num_seqs; ++s) {
     const int64_t q_len = L.query_lens[s];
@@ -570,9 +538,7 @@ void paged_attention(const at::Tensor& q, const at::Tensor& kv_cache,
       const int64_t n = std::min(tile_rows, q_len - first);
       const int64_t keys = L.seq_lens[s] - q_len + first + n;
       const int64_t rows = n * group;  // per KV head
-      const int64_t part_heads = std::max<int64_t>(1, kMaxPartRows / rows);
-      const int64_t span =
-          rows < kTransposeRows ? std::min(heads_per_small_job, part_heads) : 1;
+      const int64_t span = std::min(heads_per_job, std::max<int64_t>(1, kMaxPartRows / rows));
       for (int64_t h = 0; h < kv_heads; h += span) {
         const int64_t end = std::min(h + span, kv_heads);
         jobs.push_back({s, first, n, h, end, keys * n * (end - h)});

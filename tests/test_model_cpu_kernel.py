@@ -16,9 +16,20 @@ pytestmark = pytest.mark.skipif(
 )
 
 # (H, K, d): Qwen2-0.5B-like GQA 7:1, InternLM2 GQA 4:1, Phi-3 MHA, 76B-like GQA 8:1 at d 128,
-# MHA 8:8 at d 64 (decode jobs over every KV head), GQA 3:1 (3 rows per KV head), d 24 (the
-# scalar path for head dims that are not a multiple of 16).
-SHAPES = [(14, 2, 64), (8, 2, 32), (4, 4, 32), (16, 2, 128), (8, 8, 64), (12, 4, 64), (4, 2, 24)]
+# MHA 8:8 at d 64 (decode jobs over every KV head), GQA 3:1 (3 rows per KV head), d 80 and the
+# tiny models' d 16 (the other compiled head dims), d 24 (the scalar path for head dims that are
+# not a multiple of 16).
+SHAPES = [
+    (14, 2, 64),
+    (8, 2, 32),
+    (4, 4, 32),
+    (16, 2, 128),
+    (8, 8, 64),
+    (12, 4, 64),
+    (6, 2, 80),
+    (2, 1, 16),
+    (4, 2, 24),
+]
 BLOCK_SIZE = 16
 
 

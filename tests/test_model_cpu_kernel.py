@@ -15,8 +15,21 @@ pytestmark = pytest.mark.skipif(
     not cpu_kernels.load_cpu_kernels(), reason="no C++ compiler: the kernel is not built"
 )
 
-# (H, K, d): Qwen2-0.5B-like GQA 7:1, InternLM2 GQA 4:1, Phi-3 MHA, 76B-like GQA 8:1 at d 128.
-SHAPES = [(14, 2, 64), (8, 2, 32), (4, 4, 32), (16, 2, 128)]
+# (H, K, d): Qwen2-0.5B-like GQA 7:1, InternLM2 GQA 4:1, Phi-3 MHA, 76B-like GQA 8:1 at d 128,
+# MHA 8:8 at d 64 (decode jobs over every KV head), GQA 3:1 (3 rows per KV head), d 80 and the
+# tiny models' d 16 (the other compiled head dims), d 24 (the scalar path for head dims that are
+# not a multiple of 16).
+SHAPES = [
+    (14, 2, 64),
+    (8, 2, 32),
+    (4, 4, 32),
+    (16, 2, 128),
+    (8, 8, 64),
+    (12, 4, 64),
+    (6, 2, 80),
+    (2, 1, 16),
+    (4, 2, 24),
+]
 BLOCK_SIZE = 16
 
 
@@ -27,22 +40,23 @@ def _batch(
     query_lens: list[int],
     seq_lens: list[int],
     seed: int,
+    block_size: int = BLOCK_SIZE,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
     """Random q/k/v and a random pool whose blocks are shuffled across sequences."""
     gen = torch.Generator().manual_seed(seed)
-    needed = sum(-(-s // BLOCK_SIZE) for s in seq_lens)
+    needed = sum(-(-s // block_size) for s in seq_lens)
     perm = (torch.randperm(needed + 8, generator=gen) + 1).tolist()  # block 0 never used
     tables, used = [], 0
     for s_len in seq_lens:
-        count = -(-s_len // BLOCK_SIZE)
+        count = -(-s_len // block_size)
         tables.append(perm[used : used + count])
         used += count
-    attn = AttentionMetadata.for_contiguous(query_lens, seq_lens, tables, BLOCK_SIZE)
+    attn = AttentionMetadata.for_contiguous(query_lens, seq_lens, tables, block_size)
     tokens = sum(query_lens)
     q = torch.randn(tokens, heads, head_dim, generator=gen)  # [T, H, d]
     k = torch.randn(tokens, kv_heads, head_dim, generator=gen)  # [T, K, d]
     v = torch.randn(tokens, kv_heads, head_dim, generator=gen)  # [T, K, d]
-    cache = torch.randn(2, needed + 9, BLOCK_SIZE, kv_heads, head_dim, generator=gen)
+    cache = torch.randn(2, needed + 9, block_size, kv_heads, head_dim, generator=gen)
     return q, k, v, cache, attn
 
 
@@ -68,6 +82,30 @@ def test_mixed_batch_matches_sdpa(
     seq_lens = [1, 16, 17, 300, 129, 40, 100, 90, 64]
     want, got = _both(*_batch(*shape, query_lens, seq_lens, seed=1))
     assert (want - got).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("block_size", [8, 32])
+@pytest.mark.parametrize("shape", [(8, 8, 64), (12, 4, 64), (16, 2, 128)])
+def test_other_block_sizes_match_sdpa(shape: tuple[int, int, int], block_size: int) -> None:
+    """Blocks shorter than a 16-key chunk, and two chunks per block."""
+    query_lens = [1, 1, 1, 1, 5, 12]
+    seq_lens = [1, 9, 33, 250, 70, 200]
+    batch = _batch(*shape, query_lens, seq_lens, seed=6, block_size=block_size)
+    want, got = _both(*batch)
+    assert (want - got).abs().max().item() <= 1e-5
+
+
+def test_decode_jobs_split_heads_across_threads() -> None:
+    """One or two decode sequences: their KV heads are split into several jobs; same answer."""
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 8):
+            torch.set_num_threads(count)
+            batch = _batch(8, 8, 64, [1, 1], [300, 41], seed=7)
+            want, got = _both(*batch)
+            assert (want - got).abs().max().item() <= 1e-5, count
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_random_batches_match_sdpa() -> None:

@@ -3,9 +3,15 @@
 #
 #   [SKIP="pp_hop ..."] bash benchmarks/gpu_session.sh [SECONDS]   (default 520; logs in $OUT)
 #
-# The device image has its own torch and no Ray: wheels for the few pure-Python packages the
-# code imports (pydantic, xgrammar and their needs) travel in .whl/ (see gpu_check.py's doc);
-# without Ray, gpu_check's pp_hop section measures the in-process host round trip instead.
+# The device image has its own torch (2.11 when last seen) and no Ray: wheels for the packages
+# the code imports that it lacks travel in .whl/ (git-ignored through .git/info/exclude; name it
+# in the run's `carry`). Made here with, for each of pydantic==2.14.4 pydantic_core==2.50.5
+# annotated_types typing_inspection typing_extensions xgrammar==0.2.9 apache-tvm-ffi decord==0.6.0:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+#     --platform manylinux2014_x86_64 --platform manylinux2010_x86_64 -d .whl NAME
+# (21 MB in all; Ray's 79 MB wheel is over the 64 MiB a call may carry, so without Ray
+# gpu_check's pp_hop section measures the in-process host round trip instead.)
 # Order: what matters most first; every step is bounded by what is left of the deadline, so a
 # slow compile at the end cannot cost the earlier numbers.
 set -u

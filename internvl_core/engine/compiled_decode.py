@@ -65,9 +65,9 @@ def resolve_mode(option: str, device: torch.device) -> str:
     graphs), else off. On an H200 (benchmarks/GPU_NOTES.md, run 2: 8B-shaped bf16 decoder, 1k
     context) graphs took 5.0 / 6.5 / 8.0 / 10.8 ms per step at batch 1 / 16 / 64 / 128 against
     eager's 34.2 / 35.1 / 32.5 / 32.9 (eager is launch-bound), and the gpu tests passed. Off on
-    CPU: benchmarks/compile.py (768 wide, 12 layers, 384-token context, 2 cores) measured 1.12x
-    eager at batch 1 but 0.90x / 0.79x / 0.74x at 8 / 32 / 128 (with inductor freezing 1.16x /
-    1.04x / 0.87x / 0.86x), after minutes of compile.
+    CPU: benchmarks/compile.py (768 wide, 12 layers, 384-token context, 2 cores, the C++ kernel
+    inside the graph) measured 0.75x / 0.65x / 0.76x / 0.86x eager at batch 1 / 8 / 32 / 128
+    (with inductor freezing 0.84x / 1.13x / 1.03x / 1.04x), after a minute of compile.
     """
     if option == "off":
         return "off"

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 import torch._inductor.config as inductor_config
 
-from internvl_core.config import LLMArchitecture, SamplingParams
-from internvl_core.engine.batch import SamplingRequest, ScheduledBatch
+from internvl_core.config import LLMArchitecture
+from internvl_core.engine.batch import ScheduledBatch
 from internvl_core.engine.compiled_decode import CompiledDecode
 from internvl_core.engine.model_runner import ModelRunner
 from internvl_core.model.decoder import DecoderModel
@@ -71,18 +71,9 @@ def build_model(args: argparse.Namespace, device: torch.device) -> DecoderModel:
 
 def decode_batch(batch_id: int, num_seqs: int, context: int, block_size: int) -> ScheduledBatch:
     per_seq = math.ceil((context + 1) / block_size)
-    greedy = SamplingRequest("bench", SamplingParams(), [], [], ())
-    return ScheduledBatch(
-        batch_id=batch_id,
-        request_ids=[f"bench-{i}" for i in range(num_seqs)],
-        input_token_ids=[7 + i for i in range(num_seqs)],
-        query_lens=[1] * num_seqs,
-        context_lens=[context] * num_seqs,
-        prompt_lens=[context] * num_seqs,
-        block_tables=[list(range(i * per_seq, (i + 1) * per_seq)) for i in range(num_seqs)],
-        sample_flags=[True] * num_seqs,
-        sampling=[greedy] * num_seqs,
-        block_size=block_size,
+    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(num_seqs)]
+    return ScheduledBatch.greedy_decode(
+        batch_id, [context] * num_seqs, tables, block_size, request_prefix="bench", token_id=7
     )
 
 

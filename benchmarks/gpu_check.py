@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from internvl_core.config import EngineConfig, LLMArchitecture, SamplingParams
-from internvl_core.engine.batch import SamplingRequest, ScheduledBatch
+from internvl_core.config import EngineConfig, LLMArchitecture
+from internvl_core.engine.batch import ScheduledBatch
 from internvl_core.engine.compiled_decode import CompiledDecode
 from internvl_core.engine.memory_plan import CudaMemoryReader, measure_kv_plan
 from internvl_core.engine.model_runner import ModelRunner
@@ -186,19 +186,8 @@ def _tables(seq_lens: list[int], first_block: int = 0) -> list[list[int]]:
 
 def decode_batch(batch_id: int, context_lens: list[int], tables: list[list[int]]) -> ScheduledBatch:
     """Greedy decode of one token per sequence after `context_lens` cached tokens."""
-    num_seqs = len(context_lens)
-    greedy = SamplingRequest("check", SamplingParams(), [], [], ())
-    return ScheduledBatch(
-        batch_id=batch_id,
-        request_ids=[f"check-{i}" for i in range(num_seqs)],
-        input_token_ids=[7] * num_seqs,
-        query_lens=[1] * num_seqs,
-        context_lens=context_lens,
-        prompt_lens=[c + 1 for c in context_lens],
-        block_tables=tables,
-        sample_flags=[True] * num_seqs,
-        sampling=[greedy] * num_seqs,
-        block_size=BLOCK,
+    return ScheduledBatch.greedy_decode(
+        batch_id, context_lens, tables, BLOCK, request_prefix="check", token_id=7
     )
 
 

@@ -62,6 +62,34 @@ class ScheduledBatch:
     deferred_sample_rows: list[int] = field(default_factory=list)  # [num_deferred]
     deferred_source_batch_ids: list[int] = field(default_factory=list)  # [num_sources]
 
+    @classmethod
+    def greedy_decode(
+        cls,
+        batch_id: int,
+        context_lens: list[int],
+        block_tables: list[list[int]],
+        block_size: int,
+        *,
+        request_prefix: str = "decode",
+        token_id: int = 0,
+    ) -> ScheduledBatch:
+        """A decode step of one `token_id` per sequence after `context_lens` cached tokens, each
+        sampled greedily (profiling and benchmarks)."""
+        num_seqs = len(context_lens)
+        greedy = SamplingRequest(request_prefix, SamplingParams(), [], [], ())
+        return cls(
+            batch_id=batch_id,
+            request_ids=[f"{request_prefix}-{i}" for i in range(num_seqs)],
+            input_token_ids=[token_id] * num_seqs,
+            query_lens=[1] * num_seqs,
+            context_lens=list(context_lens),
+            prompt_lens=[c + 1 for c in context_lens],
+            block_tables=block_tables,
+            sample_flags=[True] * num_seqs,
+            sampling=[greedy] * num_seqs,
+            block_size=block_size,
+        )
+
     @property
     def num_seqs(self) -> int:
         return len(self.request_ids)

@@ -46,14 +46,7 @@ class BatchRows:
         self.deferred_rows.append(len(self.input_ids))
         self.deferred_batches.append(source_batch)
         self.deferred_samples.append(source_row)
-        self.input_ids.append(0)
-        self.seqs.append(seq)
-        self.query_lens.append(1)
-        self.context_lens.append(end - 1)
-        self.sample_flags.append(True)
-        sampling = self.sampling
-        seq.pending_sample = (self.batch_id, len(sampling))
-        sampling.append(request)
+        self._one_token_row(seq, 0, end, request)  # placeholder id, filled on the device
 
     def add_decode(self, seq: Sequence, end: int, request: SamplingRequest) -> None:
         """A plain decode step (nothing in flight, its last token known, no image rows): what
@@ -61,7 +54,13 @@ class BatchRows:
         seq.num_in_flight += 1
         seq.num_in_flight_tokens += 1
         seq.num_pending_samples += 1
-        self.input_ids.append(seq.token_ids[-1])
+        self._one_token_row(seq, seq.token_ids[-1], end, request)
+
+    def _one_token_row(
+        self, seq: Sequence, token_id: int, end: int, request: SamplingRequest
+    ) -> None:
+        """One sampled row of one new token at position `end - 1`."""
+        self.input_ids.append(token_id)
         self.seqs.append(seq)
         self.query_lens.append(1)
         self.context_lens.append(end - 1)

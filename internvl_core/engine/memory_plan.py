@@ -201,18 +201,9 @@ def profile_batch(config: EngineConfig) -> ScheduledBatch:
 def decode_profile_batch(config: EngineConfig) -> ScheduledBatch:
     """A decode step of `max_num_seqs` sequences (one block each): the largest CUDA graph."""
     num_seqs = config.max_num_seqs
-    greedy = SamplingRequest(PROFILE_REQUEST_ID, SamplingParams(), [], [], ())
-    return ScheduledBatch(
-        batch_id=-2,
-        request_ids=[PROFILE_REQUEST_ID] * num_seqs,
-        input_token_ids=[0] * num_seqs,
-        query_lens=[1] * num_seqs,
-        context_lens=[1] * num_seqs,
-        prompt_lens=[2] * num_seqs,
-        block_tables=[[i] for i in range(num_seqs)],
-        sample_flags=[True] * num_seqs,
-        sampling=[greedy] * num_seqs,
-        block_size=config.block_size,
+    tables = [[i] for i in range(num_seqs)]
+    return ScheduledBatch.greedy_decode(
+        -2, [1] * num_seqs, tables, config.block_size, request_prefix=PROFILE_REQUEST_ID
     )
 
 

@@ -27,6 +27,7 @@ BLOCK_N = 64
 MIN_PART_KEYS = 128
 
 
+@functools.cache
 def triton_available() -> bool:
     """Whether Triton is importable here (CUDA builds of torch ship it; CPU builds do not)."""
     return importlib.util.find_spec("triton") is not None
@@ -173,7 +174,7 @@ def launch_paged_decode(
     scale: float,
 ) -> torch.Tensor:
     """The kernels straight from Python (eager callers skip the custom op's dispatch cost;
-    traced code calls `paged_decode_attention`, the op). Same contract as the op."""
+    traced code calls `paged_decode_attention`, the op): `decode_attention`'s contract."""
     kernels = _kernels()
     num_seqs, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, cache_dim = kv_cache.shape
@@ -244,18 +245,8 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Attend each row's one query over the first `seq_lens[b]` cached tokens of its blocks.
-
-    Args:
-        q: [B, H, d] queries (H a multiple of K).
-        kv_cache: [2, num_blocks, block_size, K, d], already holding this step's k/v.
-        block_tables: [B, W] integer block ids; W * block_size >= max(seq_lens).
-        seq_lens: [B] integer, each at least 1.
-        scale: softmax scale.
-
-    Returns:
-        [B, H, d] in q's dtype.
-    """
+    """`decode_attention.decode_attention`'s contract (q [B, H, d] over each row's first
+    `seq_lens[b]` cached tokens -> [B, H, d]) as an op that torch.compile and CUDA graphs keep."""
     return launch_paged_decode(q, kv_cache, block_tables, seq_lens, scale)
 
 
